@@ -1,0 +1,128 @@
+//! The admin server: `/live`, `/ready`, `/metrics`, and `POST /shutdown` (loopback clients only).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::proxy::body::Body;
+use crate::readiness::Readiness;
+
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Readiness,
+    /// Cancelled to start the graceful shutdown (by `/shutdown` or a signal).
+    pub shutdown: CancellationToken,
+    pub started: Instant,
+}
+
+impl Admin {
+    /// Serves until `stop` is cancelled. The admin server outlives the drain of the proxy
+    /// listeners, so that `/ready` can report the shutdown while connections finish.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(error) => {
+                        tracing::warn!(%error, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            let this = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.route(req, peer)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            });
+        }
+    }
+
+    fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/live") => text(StatusCode::OK, "live\n".into()),
+            (&Method::GET | &Method::HEAD, "/ready") => self.ready(),
+            (&Method::GET, "/metrics") => {
+                let mut r = text(StatusCode::OK, self.metrics.render());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            (&Method::POST, "/shutdown") => {
+                if !peer.ip().is_loopback() {
+                    return text(
+                        StatusCode::FORBIDDEN,
+                        "/shutdown answers only to loopback clients\n".into(),
+                    );
+                }
+                tracing::info!(%peer, "shutdown requested on the admin server");
+                self.shutdown.cancel();
+                text(StatusCode::OK, "shutting down\n".into())
+            }
+            (_, "/shutdown") => {
+                let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into());
+                r.headers_mut()
+                    .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+                r
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /live /ready /metrics or POST /shutdown\n".into(),
+            ),
+        }
+    }
+
+    fn ready(&self) -> Response<Body> {
+        if self.shutdown.is_cancelled() {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+        }
+        let pending = self.readiness.pending();
+        if pending.is_empty() {
+            text(StatusCode::OK, "ready\n".into())
+        } else {
+            let mut body = String::from("not ready; waiting for:\n");
+            for p in pending {
+                body.push_str("- ");
+                body.push_str(&p);
+                body.push('\n');
+            }
+            text(StatusCode::SERVICE_UNAVAILABLE, body)
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Body::full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}

@@ -1,0 +1,158 @@
+//! Wires config to discovery, proxy and admin; owns the startup order and the shutdown.
+//!
+//! Startup: every listener is bound first ([`App::bind`]), so a port conflict fails the start
+//! with a clear error instead of half-starting; then the servers run ([`App::run`]).
+//! Shutdown: the drain token stops the listeners from accepting, HTTP connections shut down
+//! gracefully, and in-flight work gets up to `shutdown_grace` to finish.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::discovery::static_list::StaticResolver;
+use crate::metrics::Metrics;
+use crate::proxy::{Listener, Proxy};
+use crate::readiness::Readiness;
+use crate::socket::{self, BindError};
+
+/// The addresses the listeners are bound to (port 0 in the config becomes a real port here).
+#[derive(Debug, Clone)]
+pub struct Addresses {
+    pub admin: SocketAddr,
+    pub outbound: Option<SocketAddr>,
+    pub inbound: Option<SocketAddr>,
+    pub upstreams: Vec<SocketAddr>,
+}
+
+pub struct App {
+    config: Config,
+    admin_listener: TcpListener,
+    listeners: Vec<(Listener, TcpListener)>,
+    addresses: Addresses,
+    shutdown: CancellationToken,
+}
+
+impl App {
+    /// Binds every configured listener; nothing is served yet.
+    pub fn bind(config: Config) -> Result<App, BindError> {
+        let admin_listener = socket::bind(config.admin.listen.0, "admin.listen")?;
+        let mut listeners = Vec::new();
+        let mut addresses = Addresses {
+            admin: admin_listener.local_addr().map_err(|source| BindError {
+                what: "admin.listen".into(),
+                addr: config.admin.listen.0,
+                source,
+            })?,
+            outbound: None,
+            inbound: None,
+            upstreams: Vec::new(),
+        };
+        let local = |l: &TcpListener, what: &str, addr: SocketAddr| {
+            l.local_addr().map_err(|source| BindError {
+                what: what.into(),
+                addr,
+                source,
+            })
+        };
+        if let Some(o) = &config.outbound {
+            let l = socket::bind(o.listen.0, "outbound.listen")?;
+            addresses.outbound = Some(local(&l, "outbound.listen", o.listen.0)?);
+            listeners.push((Listener::Outbound, l));
+        }
+        if let Some(i) = &config.inbound {
+            let l = socket::bind(i.listen.0, "inbound.listen")?;
+            addresses.inbound = Some(local(&l, "inbound.listen", i.listen.0)?);
+            listeners.push((Listener::Inbound, l));
+        }
+        for (n, u) in config.upstreams.iter().enumerate() {
+            let what = format!("upstreams[{n}].listen");
+            let l = socket::bind(u.listen.0, &what)?;
+            addresses.upstreams.push(local(&l, &what, u.listen.0)?);
+            listeners.push((Listener::Upstream(u.service.clone()), l));
+        }
+        Ok(App {
+            config,
+            admin_listener,
+            listeners,
+            addresses,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub fn addresses(&self) -> &Addresses {
+        &self.addresses
+    }
+
+    /// Cancel it to start the graceful shutdown (signals and `/shutdown` do).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then drains. Returns whether every
+    /// connection finished within the grace period.
+    pub async fn run(self) -> bool {
+        let metrics = Arc::new(Metrics::new());
+        let readiness = Readiness::default();
+        let resolver = Arc::new(StaticResolver::new(&self.config.discovery.static_services));
+        let drain = CancellationToken::new();
+        let proxy = Proxy::new(
+            &self.config,
+            resolver,
+            metrics.clone(),
+            readiness.clone(),
+            drain.clone(),
+        );
+        // Services named up front are resolved at startup, so readiness waits for them.
+        for s in &self.config.discovery.static_services {
+            proxy.service(&s.service);
+        }
+        for u in &self.config.upstreams {
+            proxy.service(&u.service);
+        }
+
+        let admin = Arc::new(Admin {
+            metrics,
+            readiness,
+            shutdown: self.shutdown.clone(),
+            started: Instant::now(),
+        });
+        let admin_stop = CancellationToken::new();
+        let admin_task = tokio::spawn(admin.serve(self.admin_listener, admin_stop.clone()));
+
+        let mut servers = Vec::new();
+        for (kind, l) in self.listeners {
+            tracing::info!(listener = ?kind, address = ?l.local_addr().ok(), "listening");
+            servers.push(tokio::spawn(proxy.clone().serve(l, kind)));
+        }
+        tracing::info!(admin = %self.addresses.admin, version = crate::VERSION, "meshlet proxy started");
+
+        self.shutdown.cancelled().await;
+        let grace = self.config.shutdown_grace.0;
+        tracing::info!(grace = ?grace, "shutting down: draining connections");
+        let started = Instant::now();
+        drain.cancel();
+        for s in servers {
+            let _ = s.await;
+        }
+        proxy.tasks.close();
+        let drained = tokio::time::timeout(grace, proxy.tasks.wait())
+            .await
+            .is_ok();
+        if drained {
+            tracing::info!(took = ?started.elapsed(), "drained");
+        } else {
+            tracing::warn!(
+                open = proxy.tasks.len(),
+                "shutdown grace period over; closing the remaining connections"
+            );
+        }
+        admin_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+        drained
+    }
+}

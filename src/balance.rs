@@ -1,0 +1,375 @@
+//! Per-request balancing: power of two choices over peak-EWMA latency.
+//!
+//! A [`Balancer`] holds one destination service's endpoints, kept up to date by a task that
+//! applies discovery's insert/remove changes. Each request (or opaque TCP connection) picks two
+//! distinct endpoints at random and takes the one with the lower cost, where cost is the
+//! endpoint's peak-EWMA latency times its in-flight requests plus one (Finagle's algorithm, as
+//! in tower's `PeakEwma`).
+//!
+//! Why not tower's `p2c::Balance` directly: it is a `&mut self` service, so sharing it among
+//! connection tasks needs a `Buffer` worker (a channel hop per request and one task that every
+//! request waits behind), and its `poll_ready` waits, rather than fails, when no endpoint is
+//! available, while a proxy must answer 503 at once and must be able to exclude the endpoint a
+//! request just failed to connect to. The selection here is lock-free on the read path save for
+//! a read lock on the endpoint list; the load estimate is the same as tower's.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use prometheus::IntGauge;
+
+use crate::discovery::{Change, Update, UpdateStream};
+use crate::proxy::client::Pool;
+use crate::readiness::{Guard, lock};
+
+/// Knobs shared by a service's endpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct BalanceSettings {
+    pub default_rtt: Duration,
+    pub decay: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// One endpoint of a service: its address, its connections and its load.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub pool: Arc<Pool>,
+    pending: AtomicU32,
+    rtt: Mutex<Rtt>,
+    decay_ns: f64,
+    /// After a failed connect the endpoint is skipped until this time (ns since `epoch`),
+    /// growing with consecutive failures: a cheap guard so that p2c does not keep choosing an
+    /// endpoint that refuses connections (a refusal is fast and would look attractive).
+    skip_until_ns: AtomicU64,
+    connect_failures: AtomicU32,
+    epoch: Instant,
+}
+
+struct Rtt {
+    ns: f64,
+    at: Instant,
+}
+
+/// An in-flight request on an endpoint; its drop records the observed latency.
+pub struct InFlight {
+    ep: Arc<Endpoint>,
+    start: Instant,
+    record: bool,
+}
+
+impl InFlight {
+    /// Ends the request without a latency sample (it never reached the endpoint).
+    pub fn forget(mut self) {
+        self.record = false;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.ep.pending.fetch_sub(1, Ordering::AcqRel);
+        if !self.record {
+            return;
+        }
+        let now = Instant::now();
+        let sample = now.saturating_duration_since(self.start).as_nanos() as f64;
+        let mut rtt = lock(&self.ep.rtt);
+        rtt.observe(sample, now, self.ep.decay_ns);
+    }
+}
+
+impl Rtt {
+    /// Decays the estimate toward zero for the time since the last update.
+    fn decayed(&mut self, now: Instant, decay_ns: f64) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_nanos() as f64;
+        let w = (-elapsed / decay_ns).exp();
+        self.ns *= w;
+        self.at = now;
+        self.ns
+    }
+
+    /// A peak is taken at once; lower samples move the estimate by the decay weight.
+    fn observe(&mut self, sample_ns: f64, now: Instant, decay_ns: f64) {
+        if sample_ns > self.ns {
+            self.ns = sample_ns;
+            self.at = now;
+        } else {
+            let elapsed = now.saturating_duration_since(self.at).as_nanos() as f64;
+            let w = (-elapsed / decay_ns).exp();
+            self.ns = self.ns * w + sample_ns * (1.0 - w);
+            self.at = now;
+        }
+    }
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, settings: BalanceSettings) -> Arc<Endpoint> {
+        let now = Instant::now();
+        Arc::new(Endpoint {
+            addr,
+            pool: Pool::new(addr, settings.connect_timeout),
+            pending: AtomicU32::new(0),
+            rtt: Mutex::new(Rtt {
+                ns: settings.default_rtt.as_nanos() as f64,
+                at: now,
+            }),
+            decay_ns: (settings.decay.as_nanos() as f64).max(1.0),
+            skip_until_ns: AtomicU64::new(0),
+            connect_failures: AtomicU32::new(0),
+            epoch: now,
+        })
+    }
+
+    /// Peak-EWMA latency times (in-flight + 1).
+    pub fn cost(&self) -> f64 {
+        let pending = self.pending.load(Ordering::Acquire);
+        let est = lock(&self.rtt).decayed(Instant::now(), self.decay_ns);
+        est * f64::from(pending + 1)
+    }
+
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        InFlight {
+            ep: self.clone(),
+            start: Instant::now(),
+            record: true,
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn available(&self) -> bool {
+        self.skip_until_ns.load(Ordering::Acquire) <= self.now_ns()
+    }
+
+    /// Records a failed connect: skip this endpoint for 100 ms doubling to 10 s.
+    pub fn connect_failed(&self) {
+        let n = self.connect_failures.fetch_add(1, Ordering::AcqRel).min(7);
+        let backoff = Duration::from_millis(100) * (1u32 << n);
+        let until = self.now_ns() + backoff.min(Duration::from_secs(10)).as_nanos() as u64;
+        self.skip_until_ns.store(until, Ordering::Release);
+    }
+
+    pub fn connect_succeeded(&self) {
+        if self.connect_failures.load(Ordering::Acquire) != 0 {
+            self.connect_failures.store(0, Ordering::Release);
+            self.skip_until_ns.store(0, Ordering::Release);
+        }
+    }
+}
+
+/// One destination service's endpoints.
+pub struct Balancer {
+    pub service: Arc<str>,
+    endpoints: RwLock<Arc<[Arc<Endpoint>]>>,
+    settings: BalanceSettings,
+    endpoint_gauge: IntGauge,
+}
+
+impl Balancer {
+    pub fn new(
+        service: Arc<str>,
+        settings: BalanceSettings,
+        endpoint_gauge: IntGauge,
+    ) -> Arc<Self> {
+        Arc::new(Balancer {
+            service,
+            endpoints: RwLock::new(Arc::from(Vec::new())),
+            settings,
+            endpoint_gauge,
+        })
+    }
+
+    /// Applies discovery's updates for as long as the stream lasts. `ready` is dropped at the
+    /// first `Synced`, which marks the service's first full endpoint set.
+    pub async fn follow(self: Arc<Self>, mut updates: UpdateStream, ready: Guard) {
+        let mut ready = Some(ready);
+        while let Some(update) = updates.next().await {
+            match update {
+                Update::Change(c) => self.apply(c),
+                Update::Synced => {
+                    ready.take();
+                }
+            }
+        }
+    }
+
+    pub fn apply(&self, change: Change) {
+        let mut guard = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<Arc<Endpoint>> = guard.iter().cloned().collect();
+        match change {
+            Change::Insert(addr, ()) => {
+                if list.iter().any(|e| e.addr == addr) {
+                    return;
+                }
+                tracing::debug!(service = %self.service, endpoint = %addr, "endpoint added");
+                list.push(Endpoint::new(addr, self.settings));
+            }
+            Change::Remove(addr) => {
+                let before = list.len();
+                list.retain(|e| e.addr != addr);
+                if list.len() == before {
+                    return;
+                }
+                tracing::debug!(service = %self.service, endpoint = %addr, "endpoint removed");
+            }
+        }
+        self.endpoint_gauge.set(list.len() as i64);
+        *guard = Arc::from(list);
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The endpoints by address (for tests and the admin server).
+    pub fn endpoints(&self) -> HashMap<SocketAddr, Arc<Endpoint>> {
+        let list = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        list.iter().map(|e| (e.addr, e.clone())).collect()
+    }
+
+    /// Picks an endpoint by power of two choices, never one in `exclude`, preferring endpoints
+    /// that are not backing off after a failed connect. `None` when no endpoint is left.
+    pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {
+        let list = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        let n = list.len();
+        let usable = |e: &Arc<Endpoint>| !exclude.contains(&e.addr);
+        let chosen = match n {
+            0 => None,
+            1 => Some(&list[0]).filter(|e| usable(e)),
+            _ => {
+                let i = fastrand::usize(..n);
+                let mut j = fastrand::usize(..n - 1);
+                if j >= i {
+                    j += 1;
+                }
+                let (a, b) = (&list[i], &list[j]);
+                let ok = |e: &Arc<Endpoint>| usable(e) && e.available();
+                match (ok(a), ok(b)) {
+                    (true, true) => Some(if b.cost() < a.cost() { b } else { a }),
+                    (true, false) => Some(a),
+                    (false, true) => Some(b),
+                    (false, false) => None,
+                }
+            }
+        };
+        // Both choices unusable: scan for any available endpoint, then for any not excluded
+        // (an endpoint in backoff is still better than no answer).
+        chosen
+            .or_else(|| {
+                list.iter()
+                    .filter(|e| usable(e) && e.available())
+                    .min_by(cost_order)
+            })
+            .or_else(|| list.iter().filter(|e| usable(e)).min_by(cost_order))
+            .cloned()
+    }
+}
+
+fn cost_order(a: &&Arc<Endpoint>, b: &&Arc<Endpoint>) -> std::cmp::Ordering {
+    a.cost().total_cmp(&b.cost())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> BalanceSettings {
+        BalanceSettings {
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn balancer(n: u16) -> Arc<Balancer> {
+        let b = Balancer::new(
+            "web.default".into(),
+            settings(),
+            IntGauge::new("g", "g").unwrap(),
+        );
+        for p in 0..n {
+            b.apply(Change::Insert(
+                SocketAddr::from(([127, 0, 0, 1], 1000 + p)),
+                (),
+            ));
+        }
+        b
+    }
+
+    #[test]
+    fn insert_remove_and_gauge() {
+        let b = balancer(3);
+        assert_eq!(b.len(), 3);
+        b.apply(Change::Insert(SocketAddr::from(([127, 0, 0, 1], 1000)), ()));
+        assert_eq!(b.len(), 3, "duplicate insert ignored");
+        b.apply(Change::Remove(SocketAddr::from(([127, 0, 0, 1], 1001))));
+        assert_eq!(b.len(), 2);
+        assert_eq!(b.endpoint_gauge.get(), 2);
+    }
+
+    #[test]
+    fn excluded_and_empty() {
+        let b = balancer(0);
+        assert!(b.pick(&[]).is_none());
+        let b = balancer(2);
+        let a0 = SocketAddr::from(([127, 0, 0, 1], 1000));
+        for _ in 0..50 {
+            assert_ne!(b.pick(&[a0]).unwrap().addr, a0);
+        }
+        let a1 = SocketAddr::from(([127, 0, 0, 1], 1001));
+        assert!(b.pick(&[a0, a1]).is_none());
+    }
+
+    #[test]
+    fn slow_endpoint_loses() {
+        let b = balancer(3);
+        let slow = SocketAddr::from(([127, 0, 0, 1], 1002));
+        let eps = b.endpoints();
+        // The slow endpoint has been seen at 50 ms, the others at 1 ms.
+        for (addr, ep) in &eps {
+            let ms = if *addr == slow { 50 } else { 1 };
+            let mut r = lock(&ep.rtt);
+            r.ns = Duration::from_millis(ms).as_nanos() as f64;
+        }
+        let picked_slow = (0..1000)
+            .filter(|_| b.pick(&[]).unwrap().addr == slow)
+            .count();
+        assert_eq!(picked_slow, 0);
+    }
+
+    #[test]
+    fn pending_requests_raise_cost() {
+        let b = balancer(1);
+        let ep = b.pick(&[]).unwrap();
+        let c0 = ep.cost();
+        let g = ep.start();
+        assert!(ep.cost() > c0 * 1.5);
+        drop(g);
+    }
+
+    #[test]
+    fn connect_failure_backs_off() {
+        let b = balancer(2);
+        let eps = b.endpoints();
+        let bad = eps[&SocketAddr::from(([127, 0, 0, 1], 1000))].clone();
+        bad.connect_failed();
+        for _ in 0..100 {
+            assert_ne!(b.pick(&[]).unwrap().addr, bad.addr);
+        }
+        bad.connect_succeeded();
+        assert!(bad.available());
+    }
+}

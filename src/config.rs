@@ -1,0 +1,629 @@
+//! The config model: a YAML file (serde_yaml), every key optional with a documented default,
+//! unknown keys rejected, and every error naming the file, the key path and the value.
+//!
+//! Parsing happens in two steps: serde (with `serde_path_to_error`, so a bad value is reported
+//! at its key path) and then [`Config::validate`] for the rules that span several keys.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A config error: always printed as `<file>: <key path>: <what is wrong>`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the config file: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {path}: {message}")]
+    Invalid {
+        file: String,
+        path: String,
+        message: String,
+    },
+}
+
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:7190";
+pub const DEFAULT_OUTBOUND: &str = "127.0.0.1:7140";
+pub const DEFAULT_INBOUND: &str = "0.0.0.0:7143";
+
+/// Ports whose protocols speak first from the server (FTP, SSH, SMTP, POP3, IMAP, submission,
+/// MySQL): protocol detection is skipped for them and the connection is proxied as opaque TCP
+/// at once, so the client never waits for a detection timeout.
+pub const DEFAULT_SERVER_FIRST_PORTS: &[u16] = &[21, 22, 25, 110, 143, 587, 3306];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The admin server: /live /ready /metrics /shutdown. Always started.
+    pub admin: AdminConfig,
+    /// The transparent outbound listener; not started when absent.
+    pub outbound: Option<OutboundConfig>,
+    /// The transparent inbound listener; not started when absent.
+    pub inbound: Option<InboundConfig>,
+    /// Explicit mode: a local port per destination service.
+    pub upstreams: Vec<UpstreamConfig>,
+    pub discovery: DiscoveryConfig,
+    pub detect: DetectConfig,
+    pub balance: BalanceConfig,
+    /// Connecting to an endpoint fails after this long (and falls through to another endpoint).
+    pub connect_timeout: Dur,
+    /// How long in-flight requests and connections may take to finish after a shutdown starts.
+    pub shutdown_grace: Dur,
+    /// Runtime worker threads; default: the cgroup CPU limit (rounded up), at least 1.
+    pub workers: Option<usize>,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            admin: AdminConfig::default(),
+            outbound: None,
+            inbound: None,
+            upstreams: Vec::new(),
+            discovery: DiscoveryConfig::default(),
+            detect: DetectConfig::default(),
+            balance: BalanceConfig::default(),
+            connect_timeout: Dur(Duration::from_secs(1)),
+            shutdown_grace: Dur(Duration::from_secs(30)),
+            workers: None,
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: Addr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: Addr(DEFAULT_ADMIN.parse().expect("valid default")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    pub listen: Addr,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        OutboundConfig {
+            listen: Addr(DEFAULT_OUTBOUND.parse().expect("valid default")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboundConfig {
+    pub listen: Addr,
+    /// Inbound traffic is delivered to `app_host:<original destination port>`.
+    pub app_host: Host,
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        InboundConfig {
+            listen: Addr(DEFAULT_INBOUND.parse().expect("valid default")),
+            app_host: Host(IpAddr::from([127, 0, 0, 1])),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub listen: Addr,
+    pub service: ServiceName,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// Services with a fixed endpoint list (the embedded default, no cluster needed).
+    #[serde(rename = "static")]
+    pub static_services: Vec<StaticService>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticService {
+    pub service: ServiceName,
+    /// Virtual addresses (a ClusterIP:port) that mean this service to the outbound listener.
+    #[serde(default)]
+    pub addresses: Vec<Addr>,
+    #[serde(default)]
+    pub endpoints: Vec<Addr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    /// Give up detecting the protocol after this long without a decision and proxy opaque TCP.
+    pub timeout: Dur,
+    /// Destination ports whose server speaks first: no detection, opaque TCP at once.
+    pub server_first_ports: Vec<u16>,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            timeout: Dur(Duration::from_millis(300)),
+            server_first_ports: DEFAULT_SERVER_FIRST_PORTS.to_vec(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalanceConfig {
+    /// The latency assumed for an endpoint before it has answered anything.
+    pub default_rtt: Dur,
+    /// How fast the peak-EWMA latency estimate forgets a peak (the decay time constant).
+    pub decay: Dur,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig {
+            default_rtt: Dur(Duration::from_millis(30)),
+            decay: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `RUST_LOG`-style filter; the `RUST_LOG` environment variable overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+// ===== value types with errors that quote the value =====
+
+/// A socket address written as a string, e.g. `127.0.0.1:7140` or `[::1]:80`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Addr(pub SocketAddr);
+
+impl fmt::Debug for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Addr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = scalar_string(d)?;
+        s.parse()
+            .map(Addr)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a socket address")))
+    }
+}
+
+/// An IP address written as a string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Host(pub IpAddr);
+
+impl<'de> Deserialize<'de> for Host {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = scalar_string(d)?;
+        s.parse()
+            .map(Host)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an IP address")))
+    }
+}
+
+/// A duration written like `300ms`, `30s`, `1m`, `1h 30m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = scalar_string(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration ({e}); write it like \"300ms\", \"30s\" or \"1m\""
+            ))
+        })
+    }
+}
+
+/// A Kubernetes service named `name.namespace`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName {
+    pub name: String,
+    pub namespace: String,
+}
+
+impl ServiceName {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let Some((name, namespace)) = s.split_once('.') else {
+            return Err(format!(
+                "{s:?} is not a service name: write it as name.namespace"
+            ));
+        };
+        for part in [name, namespace] {
+            if !is_dns_label(part) {
+                return Err(format!(
+                    "{s:?} is not a service name: {part:?} is not a DNS label \
+                     (lower-case letters, digits and '-', at most 63, starting with a letter)"
+                ));
+            }
+        }
+        Ok(ServiceName {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+        })
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.as_bytes()[0].is_ascii_lowercase()
+        && !s.ends_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.name, self.namespace)
+    }
+}
+
+impl fmt::Debug for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = scalar_string(d)?;
+        ServiceName::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reads a YAML scalar as a string, so that `port: 80` and `port: "80"` are read alike and an
+/// error can quote what was written.
+fn scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::S(s) => s,
+        Scalar::I(i) => i.to_string(),
+        Scalar::F(f) => f.to_string(),
+        Scalar::B(b) => b.to_string(),
+    })
+}
+
+// ===== loading and validation =====
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Config::parse(&file, &text)
+    }
+
+    /// Parses and validates config text; `file` is only used in error messages.
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            let de = serde_yaml::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = e.path().to_string();
+                let message = strip_yaml_path(&path, &e.into_inner().to_string());
+                ConfigError::Invalid {
+                    file: file.to_string(),
+                    path: if path == "." {
+                        "(top level)".to_string()
+                    } else {
+                        path
+                    },
+                    message,
+                }
+            })?
+        };
+        config
+            .validate()
+            .map_err(|(path, message)| ConfigError::Invalid {
+                file: file.to_string(),
+                path,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// The rules that span several keys. Returns (key path, message) of the first violation.
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.workers == Some(0) {
+            return Err((
+                "workers".into(),
+                "0 is not allowed: at least 1 worker thread".into(),
+            ));
+        }
+        if self.detect.timeout.0.is_zero() {
+            return Err((
+                "detect.timeout".into(),
+                "\"0s\" is not allowed: the detection timeout must be positive".into(),
+            ));
+        }
+        if self.balance.decay.0.is_zero() {
+            return Err((
+                "balance.decay".into(),
+                "\"0s\" is not allowed: the decay must be positive".into(),
+            ));
+        }
+        if self.connect_timeout.0.is_zero() {
+            return Err((
+                "connect_timeout".into(),
+                "\"0s\" is not allowed: the connect timeout must be positive".into(),
+            ));
+        }
+
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err((
+                "log.level".into(),
+                format!(
+                    "{:?} is not a log filter ({e}); try \"info\" or \"meshlet=debug,info\"",
+                    self.log.level
+                ),
+            ));
+        }
+
+        // Every listener's address is used once.
+        let mut listeners: HashMap<SocketAddr, String> = HashMap::new();
+        let mut claim = |addr: SocketAddr, path: String| -> Result<(), (String, String)> {
+            if addr.port() != 0 {
+                if let Some(other) = listeners.insert(addr, path.clone()) {
+                    return Err((path, format!("\"{addr}\" is already used by {other}")));
+                }
+            }
+            Ok(())
+        };
+        claim(self.admin.listen.0, "admin.listen".into())?;
+        if let Some(o) = &self.outbound {
+            claim(o.listen.0, "outbound.listen".into())?;
+        }
+        if let Some(i) = &self.inbound {
+            claim(i.listen.0, "inbound.listen".into())?;
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            claim(u.listen.0, format!("upstreams[{i}].listen"))?;
+        }
+
+        // Static services: unique names, unique virtual addresses.
+        let mut names = BTreeSet::new();
+        let mut vips: HashMap<SocketAddr, String> = HashMap::new();
+        for (i, s) in self.discovery.static_services.iter().enumerate() {
+            if !names.insert(s.service.clone()) {
+                return Err((
+                    format!("discovery.static[{i}].service"),
+                    format!("\"{}\" is listed twice", s.service),
+                ));
+            }
+            for (j, a) in s.addresses.iter().enumerate() {
+                if let Some(other) = vips.insert(a.0, s.service.to_string()) {
+                    return Err((
+                        format!("discovery.static[{i}].addresses[{j}]"),
+                        format!("\"{}\" already means service {other}", a.0),
+                    ));
+                }
+            }
+        }
+
+        // Explicit upstreams name a known service.
+        for (i, u) in self.upstreams.iter().enumerate() {
+            if !names.contains(&u.service) {
+                let known: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+                return Err((
+                    format!("upstreams[{i}].service"),
+                    format!(
+                        "\"{}\" is not a known service (discovery.static has: {})",
+                        u.service,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Worker threads to run: the configured number, else the cgroup CPU limit, else the
+    /// machine's parallelism; at least 1.
+    pub fn worker_threads(&self) -> usize {
+        self.workers
+            .or_else(cgroup_cpu_limit)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
+}
+
+/// serde_yaml prefixes its messages with the part of the key path it knows; ours is complete,
+/// so that prefix is dropped to say the path once.
+fn strip_yaml_path(path: &str, message: &str) -> String {
+    match message.split_once(": ") {
+        Some((head, rest))
+            if !head.contains([' ', '"', '`']) && (head == "." || path.starts_with(head)) =>
+        {
+            rest.to_string()
+        }
+        _ => message.to_string(),
+    }
+}
+
+/// Reads the cgroup v2 CPU quota (`cpu.max`: "<quota> <period>" or "max <period>") and rounds
+/// it up to whole CPUs.
+fn cgroup_cpu_limit() -> Option<usize> {
+    let text = std::fs::read_to_string("/sys/fs/cgroup/cpu.max").ok()?;
+    let mut parts = text.split_whitespace();
+    let quota: f64 = parts.next()?.parse().ok()?;
+    let period: f64 = parts.next()?.parse().ok()?;
+    if period <= 0.0 {
+        return None;
+    }
+    Some(((quota / period).ceil() as usize).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse("config.yaml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("c.yaml", "").unwrap();
+        assert_eq!(c.admin.listen.0.to_string(), DEFAULT_ADMIN);
+        assert!(c.outbound.is_none() && c.inbound.is_none());
+        assert_eq!(c.shutdown_grace.0, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::parse(
+            "c.yaml",
+            r#"
+admin:
+  listen: 127.0.0.1:7190
+outbound:
+  listen: 127.0.0.1:7140
+inbound:
+  listen: 0.0.0.0:7143
+  app_host: 127.0.0.1
+upstreams:
+  - listen: 127.0.0.1:9000
+    service: web.default
+discovery:
+  static:
+    - service: web.default
+      addresses: ["198.19.0.10:80"]
+      endpoints: ["127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083"]
+shutdown_grace: 30s
+workers: 2
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.discovery.static_services[0].endpoints.len(), 3);
+        assert_eq!(c.worker_threads(), 2);
+        assert_eq!(c.outbound.unwrap().listen.0.port(), 7140);
+    }
+
+    #[test]
+    fn bad_socket_address_names_key_and_value() {
+        let e = err(r#"
+discovery:
+  static:
+    - service: web.default
+upstreams:
+  - listen: 127.0.0.1:9000
+    service: web.default
+  - listen: "127.0.0.1:99999"
+    service: web.default
+"#);
+        assert!(
+            e.starts_with(
+                r#"config.yaml: upstreams[1].listen: "127.0.0.1:99999" is not a socket address"#
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let e = err("admin:\n  listne: 127.0.0.1:1\n");
+        assert!(
+            e.contains("admin") && e.contains("unknown field `listne`"),
+            "{e}"
+        );
+        let e = err("bogus: 1\n");
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_service_and_workers() {
+        let e = err("shutdown_grace: soon\n");
+        assert!(
+            e.contains("shutdown_grace: \"soon\" is not a duration"),
+            "{e}"
+        );
+        let e = err("discovery:\n  static:\n    - service: Web\n");
+        assert!(
+            e.contains("discovery.static[0].service: \"Web\" is not a service name"),
+            "{e}"
+        );
+        let e = err("workers: 0\n");
+        assert!(e.contains("workers: 0 is not allowed"), "{e}");
+        let e = err("workers: many\n");
+        assert!(e.contains("workers") && e.contains("many"), "{e}");
+    }
+
+    #[test]
+    fn cross_key_rules() {
+        let e = err("upstreams:\n  - listen: 127.0.0.1:9000\n    service: api.prod\n");
+        assert!(
+            e.contains("upstreams[0].service: \"api.prod\" is not a known service"),
+            "{e}"
+        );
+        let e = err(
+            "admin:\n  listen: 127.0.0.1:9000\nupstreams:\n  - listen: 127.0.0.1:9000\n    service: a.b\ndiscovery:\n  static:\n    - service: a.b\n",
+        );
+        assert!(
+            e.contains("upstreams[0].listen: \"127.0.0.1:9000\" is already used by admin.listen"),
+            "{e}"
+        );
+        let e = err(
+            "discovery:\n  static:\n    - service: a.b\n      addresses: [\"198.19.0.1:80\"]\n    - service: c.b\n      addresses: [\"198.19.0.1:80\"]\n",
+        );
+        assert!(e.contains("discovery.static[1].addresses[0]"), "{e}");
+    }
+}

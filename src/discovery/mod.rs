@@ -1,0 +1,37 @@
+//! Discovery: which service an address means, and a live stream of each service's endpoints.
+//!
+//! Every source (the static list in the config file now, the Kubernetes API next) implements
+//! [`Resolve`]. Endpoint sets are delivered as a stream of insert/remove changes (tower's
+//! [`Change`]) even when a source only ever emits them once, so the balancer is written once
+//! for live updates.
+
+pub mod static_list;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use futures_util::Stream;
+
+use crate::config::ServiceName;
+
+/// One change to a service's endpoint set. The value is empty for now; per-endpoint metadata
+/// (zone, weight) can travel here later without changing the balancer's shape.
+pub type Change = tower::discover::Change<SocketAddr, ()>;
+
+/// A service's endpoint changes. [`Update::Synced`] marks that the source has delivered its
+/// first full endpoint set (readiness waits for it).
+#[derive(Debug, Clone)]
+pub enum Update {
+    Change(Change),
+    Synced,
+}
+
+pub type UpdateStream = Pin<Box<dyn Stream<Item = Update> + Send + 'static>>;
+
+pub trait Resolve: Send + Sync + 'static {
+    /// The service a virtual address (a ClusterIP:port) means, if any.
+    fn lookup(&self, dst: SocketAddr) -> Option<ServiceName>;
+
+    /// A live stream of the service's endpoint changes.
+    fn resolve(&self, service: &ServiceName) -> UpdateStream;
+}

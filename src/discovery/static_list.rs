@@ -1,0 +1,77 @@
+//! Static discovery: services and endpoints listed in the config file (`discovery.static`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use futures_util::{StreamExt, stream};
+
+use super::{Change, Resolve, Update, UpdateStream};
+use crate::config::{ServiceName, StaticService};
+
+pub struct StaticResolver {
+    by_address: HashMap<SocketAddr, ServiceName>,
+    endpoints: HashMap<ServiceName, Vec<SocketAddr>>,
+}
+
+impl StaticResolver {
+    pub fn new(services: &[StaticService]) -> StaticResolver {
+        let mut by_address = HashMap::new();
+        let mut endpoints = HashMap::new();
+        for s in services {
+            for a in &s.addresses {
+                by_address.insert(a.0, s.service.clone());
+            }
+            endpoints.insert(s.service.clone(), s.endpoints.iter().map(|e| e.0).collect());
+        }
+        StaticResolver {
+            by_address,
+            endpoints,
+        }
+    }
+}
+
+impl Resolve for StaticResolver {
+    fn lookup(&self, dst: SocketAddr) -> Option<ServiceName> {
+        self.by_address.get(&dst).cloned()
+    }
+
+    /// Every endpoint as an insert, then `Synced`, then nothing more (the stream stays open,
+    /// as a live source's would).
+    fn resolve(&self, service: &ServiceName) -> UpdateStream {
+        let updates: Vec<Update> = self
+            .endpoints
+            .get(service)
+            .into_iter()
+            .flatten()
+            .map(|addr| Update::Change(Change::Insert(*addr, ())))
+            .chain(std::iter::once(Update::Synced))
+            .collect();
+        Box::pin(stream::iter(updates).chain(stream::pending()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Addr;
+    use futures_util::StreamExt;
+
+    #[tokio::test]
+    async fn emits_inserts_then_synced() {
+        let svc = ServiceName::parse("web.default").unwrap();
+        let r = StaticResolver::new(&[StaticService {
+            service: svc.clone(),
+            addresses: vec![Addr("198.19.0.10:80".parse().unwrap())],
+            endpoints: vec![Addr("127.0.0.1:1".parse().unwrap())],
+        }]);
+        assert_eq!(
+            r.lookup("198.19.0.10:80".parse().unwrap()),
+            Some(svc.clone())
+        );
+        assert_eq!(r.lookup("198.19.0.10:81".parse().unwrap()), None);
+        let got: Vec<Update> = r.resolve(&svc).take(2).collect().await;
+        let want: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert!(matches!(got[0], Update::Change(Change::Insert(a, ()) ) if a == want));
+        assert!(matches!(got[1], Update::Synced));
+    }
+}

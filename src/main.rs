@@ -1,0 +1,127 @@
+//! Subcommand dispatch only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshlet::app::App;
+use meshlet::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "meshlet", version = meshlet::VERSION, about = "A small, fast Kubernetes sidecar")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar proxy.
+    Proxy {
+        /// The config file (YAML). Without one, every key takes its default.
+        #[arg(long, env = "MESHLET_CONFIG")]
+        config: Option<PathBuf>,
+        /// Log as JSON lines (overrides `log.format`).
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Print the version and build information.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!(
+                "meshlet {} ({} {})",
+                meshlet::VERSION,
+                std::env::consts::OS,
+                std::env::consts::ARCH
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Proxy { config, log_json } => proxy(config, log_json),
+    }
+}
+
+fn proxy(path: Option<PathBuf>, log_json: bool) -> ExitCode {
+    let config = match &path {
+        Some(p) => Config::load(p),
+        None => Config::parse("(defaults)", ""),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("meshlet: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config, log_json);
+
+    let workers = config.worker_threads();
+    let runtime = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meshlet: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let app = match App::bind(config) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "startup failed");
+                eprintln!("meshlet: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = app.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            shutdown.cancel();
+        });
+        app.run().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; use POST /shutdown");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn init_logging(config: &Config, log_json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if log_json || config.log.format == LogFormat::Json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

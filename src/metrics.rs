@@ -1,0 +1,131 @@
+//! The Prometheus registry and the metric families meshlet records.
+//!
+//! Names carry the `meshlet_` prefix and base units; labels stay bounded: direction, service
+//! (a configured or discovered service, or `app:<port>` inbound), endpoint address, status code
+//! and protocol. Never a path or anything else a client controls.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every family the proxy records.
+pub struct Metrics {
+    pub registry: Registry,
+    /// HTTP requests answered, by direction, service and status code.
+    pub requests: IntCounterVec,
+    /// Time from receiving the request head to sending the response head.
+    pub response_duration: HistogramVec,
+    /// Connections accepted, by direction and detected protocol.
+    pub connections: IntCounterVec,
+    /// Connections open now, by direction.
+    pub open_connections: IntGaugeVec,
+    /// Bytes copied over opaque TCP and upgraded (e.g. WebSocket) connections.
+    pub tcp_bytes: IntCounterVec,
+    /// Endpoints known per service.
+    pub endpoints: IntGaugeVec,
+    /// Requests or connections refused because a service had no endpoints.
+    pub no_endpoints: IntCounterVec,
+    /// Connections refused because their original destination was meshlet itself.
+    pub redirect_loops: IntCounterVec,
+    /// Failed connection attempts to endpoints.
+    pub connect_errors: IntCounterVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let response_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "meshlet_response_duration_seconds",
+                "Time from a request's head arriving to its response's head leaving",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["direction", "service"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(response_duration.clone()))
+            .expect("unique metric");
+        Metrics {
+            requests: counter(
+                &r,
+                "meshlet_requests_total",
+                "HTTP requests answered, by direction, service and status code",
+                &["direction", "service", "status"],
+            ),
+            response_duration,
+            connections: counter(
+                &r,
+                "meshlet_connections_total",
+                "Connections accepted, by direction and protocol (http1, http2, tcp, passthrough)",
+                &["direction", "protocol"],
+            ),
+            open_connections: gauge(
+                &r,
+                "meshlet_open_connections",
+                "Client connections open now",
+                &["direction"],
+            ),
+            tcp_bytes: counter(
+                &r,
+                "meshlet_tcp_bytes_total",
+                "Bytes copied over opaque TCP and upgraded connections; flow is to_server or to_client",
+                &["direction", "service", "flow"],
+            ),
+            endpoints: gauge(
+                &r,
+                "meshlet_endpoints",
+                "Endpoints known per destination service",
+                &["service"],
+            ),
+            no_endpoints: counter(
+                &r,
+                "meshlet_no_endpoints_total",
+                "Requests (http) or connections (tcp) refused because the service had no available endpoint",
+                &["direction", "service", "protocol"],
+            ),
+            redirect_loops: counter(
+                &r,
+                "meshlet_redirect_loops_total",
+                "Connections refused because their original destination was meshlet's own listener",
+                &["direction"],
+            ),
+            connect_errors: counter(
+                &r,
+                "meshlet_connect_errors_total",
+                "Failed connection attempts to endpoints",
+                &["service", "endpoint"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let enc = TextEncoder::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = enc.encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

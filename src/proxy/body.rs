@@ -1,0 +1,125 @@
+//! The one body type of the data path: a streamed body from a peer, a small body of our own
+//! (error responses), or nothing. A streamed response body from a pooled HTTP/1.1 connection
+//! carries the connection back to its pool when it is read to the end.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::client::PoolReturn;
+
+pub struct Body {
+    kind: Kind,
+    on_end: Option<PoolReturn>,
+}
+
+enum Kind {
+    Empty,
+    Full(Option<Bytes>),
+    Incoming(Incoming),
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            Kind::Empty => "empty",
+            Kind::Full(_) => "full",
+            Kind::Incoming(_) => "streaming",
+        };
+        f.debug_struct("Body").field("kind", &kind).finish()
+    }
+}
+
+impl Body {
+    pub fn empty() -> Body {
+        Body {
+            kind: Kind::Empty,
+            on_end: None,
+        }
+    }
+
+    pub fn full(bytes: impl Into<Bytes>) -> Body {
+        let bytes = bytes.into();
+        Body {
+            kind: if bytes.is_empty() {
+                Kind::Empty
+            } else {
+                Kind::Full(Some(bytes))
+            },
+            on_end: None,
+        }
+    }
+
+    pub fn incoming(b: Incoming) -> Body {
+        Body {
+            kind: Kind::Incoming(b),
+            on_end: None,
+        }
+    }
+
+    /// A response body that returns its HTTP/1.1 connection to the pool once read to the end.
+    pub(crate) fn pooled(b: Incoming, ret: PoolReturn) -> Body {
+        Body {
+            kind: Kind::Incoming(b),
+            on_end: Some(ret),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(ret) = self.on_end.take() {
+            ret.release();
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        match &mut this.kind {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Incoming(b) => {
+                let res = Pin::new(b).poll_frame(cx);
+                if let Poll::Ready(None) = res {
+                    this.finish();
+                }
+                res
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Full(b) => b.is_none(),
+            Kind::Incoming(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Incoming(b) => b.size_hint(),
+        }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        // A body read to its end leaves the connection reusable; hyper's server may stop
+        // polling once `is_end_stream` says so, without asking for the final `None`.
+        if self.on_end.is_some() && http_body::Body::is_end_stream(self) {
+            self.finish();
+        }
+    }
+}

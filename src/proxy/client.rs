@@ -1,0 +1,235 @@
+//! Connections to one endpoint: an HTTP/1.1 pool of idle connections, one multiplexed HTTP/2
+//! connection, and dedicated connections for upgrades and opaque TCP.
+//!
+//! Why our own small pool over hyper's connection API rather than hyper-util's `Client`: the
+//! connection is established *before* the request is handed over, so a connect failure gives
+//! the request back untouched ([`SendError::Connect`]) and the caller can send it to another
+//! endpoint even when it has a streaming body; a request refused by a pooled connection that
+//! the server closed meanwhile is retried on a fresh one the same way (hyper's
+//! `try_send_request`). hyper-util's `Client` consumes the request on a connect error and
+//! rewrites the HTTP/2 `:authority` to the pool key, which a transparent proxy must not do.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response, Version};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use super::body::Body;
+use crate::readiness::lock;
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_H1: usize = 256;
+
+pub struct Pool {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    idle_h1: Mutex<Vec<http1::SendRequest<Body>>>,
+    /// Held across a connect so that concurrent HTTP/2 requests share one new connection.
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made: nothing was sent, the request is handed back.
+    #[error("connect to {addr}: {error}")]
+    Connect {
+        addr: SocketAddr,
+        error: io::Error,
+        request: Box<Request<Body>>,
+    },
+    /// The request was (maybe partly) sent and then failed.
+    #[error("upstream {addr}: {error}")]
+    Upstream {
+        addr: SocketAddr,
+        error: hyper::Error,
+    },
+}
+
+/// Hands an HTTP/1.1 connection back to its pool when the response body ends.
+pub(crate) struct PoolReturn {
+    pool: Arc<Pool>,
+    sender: http1::SendRequest<Body>,
+}
+
+impl PoolReturn {
+    pub(crate) fn release(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        let mut idle = lock(&self.pool.idle_h1);
+        if idle.len() < MAX_IDLE_H1 {
+            idle.push(self.sender);
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Arc<Pool> {
+        Arc::new(Pool {
+            addr,
+            connect_timeout,
+            idle_h1: Mutex::new(Vec::new()),
+            h2: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Opens a new TCP connection to the endpoint within the connect timeout.
+    pub async fn connect_tcp(&self) -> io::Result<TcpStream> {
+        match tokio::time::timeout(self.connect_timeout, crate::socket::connect(self.addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no connection within {:?}", self.connect_timeout),
+            )),
+        }
+    }
+
+    /// Sends a request with the protocol the client used (HTTP/2 stays HTTP/2, HTTP/1.x stays
+    /// HTTP/1.1).
+    pub async fn send(self: &Arc<Self>, req: Request<Body>) -> Result<Response<Body>, SendError> {
+        if req.version() == Version::HTTP_2 {
+            self.send_h2(req).await
+        } else {
+            self.send_h1(req).await
+        }
+    }
+
+    fn connect_error(&self, error: io::Error, request: Request<Body>) -> SendError {
+        SendError::Connect {
+            addr: self.addr,
+            error,
+            request: Box::new(request),
+        }
+    }
+
+    fn upstream_error(&self, error: hyper::Error) -> SendError {
+        SendError::Upstream {
+            addr: self.addr,
+            error,
+        }
+    }
+
+    /// An idle connection that is ready for a request, dropping closed ones.
+    async fn checkout_h1(&self) -> Option<http1::SendRequest<Body>> {
+        loop {
+            let mut sender = lock(&self.idle_h1).pop()?;
+            // A connection returns to the pool as its response body ends; hyper marks it ready
+            // a moment later, or closed if the server said `Connection: close`.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    async fn handshake_h1(&self, upgrades: bool) -> io::Result<http1::SendRequest<Body>> {
+        let io = TokioIo::new(self.connect_tcp().await?);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(io::Error::other)?;
+        if upgrades {
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+        } else {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+        Ok(sender)
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, SendError> {
+        *req.version_mut() = Version::HTTP_11;
+        loop {
+            let (mut sender, reused) = match self.checkout_h1().await {
+                Some(s) => (s, true),
+                None => match self.handshake_h1(false).await {
+                    Ok(s) => (s, false),
+                    Err(e) => return Err(self.connect_error(e, req)),
+                },
+            };
+            match sender.try_send_request(req).await {
+                Ok(rsp) => {
+                    let ret = PoolReturn {
+                        pool: self.clone(),
+                        sender,
+                    };
+                    return Ok(rsp.map(|b| Body::pooled(b, ret)));
+                }
+                Err(mut e) => match e.take_message() {
+                    // The pooled connection was closed before our request went out: try a
+                    // fresh one (a new connection failing this way is an upstream error).
+                    Some(r) if reused => req = r,
+                    _ => return Err(self.upstream_error(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn h2_sender(&self) -> io::Result<http2::SendRequest<Body>> {
+        let mut slot = self.h2.lock().await;
+        if let Some(s) = slot.as_ref() {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let io = TokioIo::new(self.connect_tcp().await?);
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(io)
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        *slot = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn send_h2(&self, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
+        let mut retried = false;
+        loop {
+            let mut sender = match self.h2_sender().await {
+                Ok(s) => s,
+                Err(e) => return Err(self.connect_error(e, req)),
+            };
+            match sender.try_send_request(req).await {
+                Ok(rsp) => return Ok(rsp.map(Body::incoming)),
+                Err(mut e) => match e.take_message() {
+                    Some(r) if !retried => {
+                        retried = true;
+                        req = r;
+                    }
+                    _ => return Err(self.upstream_error(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Sends an HTTP/1.1 upgrade request (e.g. WebSocket) on a connection of its own, which
+    /// becomes the upgraded stream after a `101 Switching Protocols`.
+    pub async fn send_upgrade(&self, req: Request<Body>) -> Result<Response<Body>, SendError> {
+        let mut sender = match self.handshake_h1(true).await {
+            Ok(s) => s,
+            Err(e) => return Err(self.connect_error(e, req)),
+        };
+        match sender.send_request(req).await {
+            Ok(rsp) => Ok(rsp.map(Body::incoming)),
+            Err(e) => Err(self.upstream_error(e)),
+        }
+    }
+}

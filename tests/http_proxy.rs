@@ -1,0 +1,209 @@
+//! HTTP through meshlet's explicit upstream listener, against real backends on loopback.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_keepalive_requests_are_balanced_per_request() {
+    let backends = [
+        Backend::start("a", Duration::ZERO).await,
+        Backend::start("b", Duration::ZERO).await,
+        Backend::start("c", Duration::ZERO).await,
+    ];
+    let eps: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let m = Meshlet::start(&upstream_config("web.default", &eps)).await;
+
+    // One client connection, many keep-alive requests: every backend serves a share.
+    let mut c = H1Client::connect(m.upstream(0)).await.unwrap();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for i in 0..300 {
+        let a = c.get(&format!("/item/{i}?q=1")).await.unwrap();
+        assert_eq!(a.status, 200);
+        assert_eq!(a.header("x-path").unwrap(), format!("/item/{i}"));
+        assert_eq!(a.header("x-version").unwrap(), "HTTP/1.1");
+        *seen.entry(a.header("x-backend").unwrap()).or_default() += 1;
+    }
+    for b in &backends {
+        let n = seen.get(&b.name).copied().unwrap_or(0);
+        assert!(
+            n >= 30,
+            "backend {} served only {n} of 300: {seen:?}",
+            b.name
+        );
+    }
+
+    let text = m.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"meshlet_requests_total{direction="outbound",service="web.default",status="200"}"#
+        ),
+        Some(300.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, r#"meshlet_endpoints{service="web.default"}"#),
+        Some(3.0)
+    );
+    assert!(text.contains("meshlet_response_duration_seconds_bucket"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_avoids_a_slow_backend() {
+    let fast1 = Backend::start("fast1", Duration::ZERO).await;
+    let fast2 = Backend::start("fast2", Duration::ZERO).await;
+    let slow = Backend::start("slow", Duration::from_millis(50)).await;
+    let m = Meshlet::start(&upstream_config(
+        "web.default",
+        &[fast1.addr, fast2.addr, slow.addr],
+    ))
+    .await;
+    let mut c = H1Client::connect(m.upstream(0)).await.unwrap();
+    for _ in 0..1000 {
+        assert_eq!(c.get("/").await.unwrap().status, 200);
+    }
+    let share = slow.hits() as f64 / 1000.0;
+    println!(
+        "slow backend share: {:.1}% (fast1 {}, fast2 {}, slow {})",
+        share * 100.0,
+        fast1.hits(),
+        fast2.hits(),
+        slow.hits()
+    );
+    assert!(share < 0.10, "slow backend got {:.1}%", share * 100.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_on_one_connection_spread_over_backends() {
+    let backends = [
+        Backend::start("a", Duration::from_millis(5)).await,
+        Backend::start("b", Duration::from_millis(5)).await,
+        Backend::start("c", Duration::from_millis(5)).await,
+    ];
+    let eps: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let m = Meshlet::start(&upstream_config("web.default", &eps)).await;
+    let c = H2Client::connect(m.upstream(0)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.get(&format!("/s/{i}")).await.unwrap()
+        }));
+    }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for t in tasks {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, 200);
+        // h2 stays h2 toward the endpoint.
+        assert_eq!(a.header("x-version").unwrap(), "HTTP/2.0");
+        *seen.entry(a.header("x-backend").unwrap()).or_default() += 1;
+    }
+    for b in &backends {
+        assert!(
+            seen.get(&b.name).copied().unwrap_or(0) >= 20,
+            "backend {} underused: {seen:?}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_endpoints_is_a_fast_503_naming_the_service() {
+    let m = Meshlet::start(&upstream_config("empty.default", &[])).await;
+    let mut c = H1Client::connect(m.upstream(0)).await.unwrap();
+    let start = std::time::Instant::now();
+    let a = c.get("/").await.unwrap();
+    assert!(start.elapsed() < Duration::from_millis(200));
+    assert_eq!(a.status, 503);
+    assert_eq!(
+        a.header("meshlet-error").unwrap(),
+        "no endpoints for empty.default"
+    );
+    assert!(a.body_text().contains("no endpoints for empty.default"));
+    let h2 = H2Client::connect(m.upstream(0)).await.unwrap();
+    assert_eq!(h2.get("/").await.unwrap().status, 503);
+    let text = m.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"meshlet_no_endpoints_total{direction="outbound",protocol="http",service="empty.default"}"#
+        ),
+        Some(2.0),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failures_fall_through_to_another_endpoint() {
+    // Two endpoints refuse connections (nothing listens there); one answers.
+    let dead1 = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dead2 = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let live = Backend::start("live", Duration::ZERO).await;
+    let m = Meshlet::start(&upstream_config("web.default", &[dead1, dead2, live.addr])).await;
+    let mut c = H1Client::connect(m.upstream(0)).await.unwrap();
+    for _ in 0..50 {
+        // POST with a body: nothing was sent to a dead endpoint, so the body reaches the live one.
+        let req = http::Request::post("/submit")
+            .header("host", "web.default")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"payload",
+            )))
+            .unwrap();
+        let a = c.send(req).await.unwrap();
+        assert_eq!(a.status, 200);
+        assert_eq!(a.body_text(), "payload");
+    }
+    assert_eq!(live.hits(), 50);
+    let text = m.metrics().await;
+    assert!(text.contains("meshlet_connect_errors_total"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_unreachable_is_a_503() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let m = Meshlet::start(&upstream_config("web.default", &[dead])).await;
+    let mut c = H1Client::connect(m.upstream(0)).await.unwrap();
+    let a = c.get("/").await.unwrap();
+    assert_eq!(a.status, 503);
+    assert!(
+        a.header("meshlet-error")
+            .unwrap()
+            .starts_with("no reachable endpoint for web.default"),
+        "{:?}",
+        a.header("meshlet-error")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints() {
+    let b = Backend::start("a", Duration::ZERO).await;
+    let mut m = Meshlet::start(&upstream_config("web.default", &[b.addr])).await;
+    assert_eq!(admin_get(m.addrs.admin, "/live").await.unwrap().0, 200);
+    assert_eq!(admin_get(m.addrs.admin, "/ready").await.unwrap().0, 200);
+    assert_eq!(admin_get(m.addrs.admin, "/nope").await.unwrap().0, 404);
+    // GET /shutdown is refused; POST from loopback starts the shutdown.
+    assert_eq!(admin_get(m.addrs.admin, "/shutdown").await.unwrap().0, 405);
+    let mut c = H1Client::connect(m.addrs.admin).await.unwrap();
+    let req = http::Request::post("/shutdown")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(c.send(req).await.unwrap().status, 200);
+    let drained = tokio::time::timeout(Duration::from_secs(10), &mut m.done)
+        .await
+        .expect("meshlet stops after /shutdown")
+        .unwrap();
+    assert!(drained);
+}
