@@ -22,6 +22,8 @@ pub struct Admin {
     /// Cancelled to start the graceful shutdown (by `/shutdown` or a signal).
     pub shutdown: CancellationToken,
     pub started: Instant,
+    /// Extra lines for `/ready` (e.g. discovery serving stale endpoints while its watch fails).
+    pub detail: Box<dyn Fn() -> Vec<String> + Send + Sync>,
 }
 
 impl Admin {
@@ -103,8 +105,8 @@ impl Admin {
             return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
         }
         let pending = self.readiness.pending();
-        if pending.is_empty() {
-            text(StatusCode::OK, "ready\n".into())
+        let (status, mut body) = if pending.is_empty() {
+            (StatusCode::OK, String::from("ready\n"))
         } else {
             let mut body = String::from("not ready; waiting for:\n");
             for p in pending {
@@ -112,8 +114,14 @@ impl Admin {
                 body.push_str(&p);
                 body.push('\n');
             }
-            text(StatusCode::SERVICE_UNAVAILABLE, body)
+            (StatusCode::SERVICE_UNAVAILABLE, body)
+        };
+        for line in (self.detail)() {
+            body.push_str("- ");
+            body.push_str(&line);
+            body.push('\n');
         }
+        text(status, body)
     }
 }
 

@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::discovery::kubernetes::KubeResolver;
 use crate::discovery::static_list::StaticResolver;
+use crate::discovery::{Chain, Resolve};
 use crate::metrics::Metrics;
 use crate::proxy::{Listener, Proxy};
 use crate::readiness::Readiness;
@@ -35,6 +37,7 @@ pub struct App {
     listeners: Vec<(Listener, TcpListener)>,
     addresses: Addresses,
     shutdown: CancellationToken,
+    kube: Option<kube::Client>,
 }
 
 impl App {
@@ -81,7 +84,20 @@ impl App {
             listeners,
             addresses,
             shutdown: CancellationToken::new(),
+            kube: None,
         })
+    }
+
+    /// Builds the Kubernetes client when Kubernetes discovery is enabled (a kubeconfig, or the
+    /// in-cluster service account). Nothing is contacted yet: the watches start in `run` and
+    /// retry with backoff, so an unreachable API server delays readiness, not startup.
+    pub async fn connect(&mut self) -> Result<(), String> {
+        if self.kube.is_none() {
+            if let Some(k) = self.config.discovery.kubernetes_enabled() {
+                self.kube = Some(KubeResolver::client(k.kubeconfig.as_deref()).await?);
+            }
+        }
+        Ok(())
     }
 
     pub fn addresses(&self) -> &Addresses {
@@ -95,10 +111,22 @@ impl App {
 
     /// Serves until the shutdown token is cancelled, then drains. Returns whether every
     /// connection finished within the grace period.
-    pub async fn run(self) -> bool {
+    pub async fn run(mut self) -> bool {
+        if let Err(e) = self.connect().await {
+            tracing::error!(error = %e, "discovery.kubernetes: cannot start");
+            return false;
+        }
         let metrics = Arc::new(Metrics::new());
         let readiness = Readiness::default();
-        let resolver = Arc::new(StaticResolver::new(&self.config.discovery.static_services));
+        let kube = self
+            .kube
+            .take()
+            .map(|c| KubeResolver::start(c, &readiness, metrics.clone()));
+        let resolver = Arc::new(Chain {
+            first: StaticResolver::new(&self.config.discovery.static_services),
+            then: kube,
+        });
+        let detail: Arc<dyn Resolve> = resolver.clone();
         let drain = CancellationToken::new();
         let proxy = Proxy::new(
             &self.config,
@@ -109,7 +137,7 @@ impl App {
         );
         // Services named up front are resolved at startup, so readiness waits for them.
         for s in &self.config.discovery.static_services {
-            proxy.service(&s.service);
+            proxy.service(&s.service.clone().into());
         }
         for u in &self.config.upstreams {
             proxy.service(&u.service);
@@ -120,6 +148,7 @@ impl App {
             readiness,
             shutdown: self.shutdown.clone(),
             started: Instant::now(),
+            detail: Box::new(move || detail.detail()),
         });
         let admin_stop = CancellationToken::new();
         let admin_task = tokio::spawn(admin.serve(self.admin_listener, admin_stop.clone()));

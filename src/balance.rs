@@ -139,6 +139,16 @@ impl Endpoint {
         }
     }
 
+    /// Counts an open opaque TCP connection as load for as long as the guard lives, without
+    /// taking its lifetime as a latency sample: how long a client keeps a connection open says
+    /// nothing about the endpoint's latency (a long-lived connection would otherwise make its
+    /// endpoint look slow, and p2c shun it, long after the connection closed).
+    pub fn hold(self: &Arc<Self>) -> InFlight {
+        let mut g = self.start();
+        g.record = false;
+        g
+    }
+
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }

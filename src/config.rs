@@ -127,7 +127,8 @@ impl Default for InboundConfig {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub listen: Addr,
-    pub service: ServiceName,
+    /// `name.namespace`, or `name.namespace:port` (a Service port) with Kubernetes discovery.
+    pub service: ServiceRef,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -136,6 +137,29 @@ pub struct DiscoveryConfig {
     /// Services with a fixed endpoint list (the embedded default, no cluster needed).
     #[serde(rename = "static")]
     pub static_services: Vec<StaticService>,
+    /// Discovery through the Kubernetes API. Enabled when present, and by default when running
+    /// in a cluster (`KUBERNETES_SERVICE_HOST` set) with no static services configured.
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; default: `KUBECONFIG`, `~/.kube/config`, else the in-cluster
+    /// service account.
+    pub kubeconfig: Option<std::path::PathBuf>,
+}
+
+impl DiscoveryConfig {
+    /// The Kubernetes discovery settings, if it is enabled (explicitly or by running in a
+    /// cluster without static services).
+    pub fn kubernetes_enabled(&self) -> Option<KubernetesConfig> {
+        self.kubernetes.clone().or_else(|| {
+            (self.static_services.is_empty()
+                && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
+            .then(KubernetesConfig::default)
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -308,6 +332,59 @@ impl fmt::Debug for ServiceName {
     }
 }
 
+/// A destination service, optionally with a service port: `name.namespace[:port]`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub name: ServiceName,
+    pub port: Option<u16>,
+}
+
+impl ServiceRef {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (name, port) = match s.rsplit_once(':') {
+            Some((n, p)) => {
+                let port = p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                    format!("{s:?} is not a service: {p:?} is not a port (1-65535)")
+                })?;
+                (n, Some(port))
+            }
+            None => (s, None),
+        };
+        Ok(ServiceRef {
+            name: ServiceName::parse(name)?,
+            port,
+        })
+    }
+}
+
+impl From<ServiceName> for ServiceRef {
+    fn from(name: ServiceName) -> Self {
+        ServiceRef { name, port: None }
+    }
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}:{p}", self.name),
+            None => write!(f, "{}", self.name),
+        }
+    }
+}
+
+impl fmt::Debug for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = scalar_string(d)?;
+        ServiceRef::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 impl<'de> Deserialize<'de> for ServiceName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = scalar_string(d)?;
@@ -455,14 +532,15 @@ impl Config {
             }
         }
 
-        // Explicit upstreams name a known service.
+        // Explicit upstreams name a known service (with Kubernetes discovery, any service).
+        let kubernetes = self.discovery.kubernetes.is_some();
         for (i, u) in self.upstreams.iter().enumerate() {
-            if !names.contains(&u.service) {
+            if !kubernetes && !names.contains(&u.service.name) {
                 let known: Vec<String> = names.iter().map(|n| n.to_string()).collect();
                 return Err((
                     format!("upstreams[{i}].service"),
                     format!(
-                        "\"{}\" is not a known service (discovery.static has: {})",
+                        "\"{}\" is not a known service (discovery.static has: {}; or enable discovery.kubernetes)",
                         u.service,
                         if known.is_empty() {
                             "none".to_string()

@@ -78,7 +78,7 @@ fn proxy(path: Option<PathBuf>, log_json: bool) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let app = match App::bind(config) {
+        let mut app = match App::bind(config) {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "startup failed");
@@ -86,6 +86,10 @@ fn proxy(path: Option<PathBuf>, log_json: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Err(e) = app.connect().await {
+            eprintln!("meshlet: discovery.kubernetes: {e}");
+            return ExitCode::FAILURE;
+        }
         let shutdown = app.shutdown_token();
         tokio::spawn(async move {
             wait_for_signal().await;

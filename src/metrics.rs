@@ -29,6 +29,10 @@ pub struct Metrics {
     pub redirect_loops: IntCounterVec,
     /// Failed connection attempts to endpoints.
     pub connect_errors: IntCounterVec,
+    /// 1 while a discovery watch is failing (the last known endpoints keep serving).
+    pub discovery_stale: IntGaugeVec,
+    /// Discovery watch errors.
+    pub discovery_errors: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -109,6 +113,18 @@ impl Metrics {
                 "meshlet_connect_errors_total",
                 "Failed connection attempts to endpoints",
                 &["service", "endpoint"],
+            ),
+            discovery_stale: gauge(
+                &r,
+                "meshlet_discovery_stale",
+                "1 while a discovery watch is failing and the last known endpoints are served",
+                &["watch"],
+            ),
+            discovery_errors: counter(
+                &r,
+                "meshlet_discovery_errors_total",
+                "Discovery watch errors (each is retried with backoff)",
+                &["watch"],
             ),
             registry: r,
         }

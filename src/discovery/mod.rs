@@ -5,6 +5,7 @@
 //! [`Change`]) even when a source only ever emits them once, so the balancer is written once
 //! for live updates.
 
+pub mod kubernetes;
 pub mod static_list;
 
 use std::net::SocketAddr;
@@ -12,7 +13,7 @@ use std::pin::Pin;
 
 use futures_util::Stream;
 
-use crate::config::ServiceName;
+pub use crate::config::ServiceRef;
 
 /// One change to a service's endpoint set. The value is empty for now; per-endpoint metadata
 /// (zone, weight) can travel here later without changing the balancer's shape.
@@ -29,9 +30,39 @@ pub enum Update {
 pub type UpdateStream = Pin<Box<dyn Stream<Item = Update> + Send + 'static>>;
 
 pub trait Resolve: Send + Sync + 'static {
-    /// The service a virtual address (a ClusterIP:port) means, if any.
-    fn lookup(&self, dst: SocketAddr) -> Option<ServiceName>;
+    /// The service (and service port) a virtual address (a ClusterIP:port) means, if any.
+    fn lookup(&self, dst: SocketAddr) -> Option<ServiceRef>;
 
     /// A live stream of the service's endpoint changes.
-    fn resolve(&self, service: &ServiceName) -> UpdateStream;
+    fn resolve(&self, service: &ServiceRef) -> UpdateStream;
+
+    /// Lines worth showing in `/ready`'s detail (for example a stale watch).
+    fn detail(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Static services first, then the Kubernetes API: a service listed in the config file wins.
+pub struct Chain {
+    pub first: static_list::StaticResolver,
+    pub then: Option<std::sync::Arc<kubernetes::KubeResolver>>,
+}
+
+impl Resolve for Chain {
+    fn lookup(&self, dst: SocketAddr) -> Option<ServiceRef> {
+        self.first
+            .lookup(dst)
+            .or_else(|| self.then.as_ref().and_then(|k| k.lookup(dst)))
+    }
+
+    fn resolve(&self, service: &ServiceRef) -> UpdateStream {
+        match &self.then {
+            Some(k) if !self.first.has(service) => k.resolve(service),
+            _ => self.first.resolve(service),
+        }
+    }
+
+    fn detail(&self) -> Vec<String> {
+        self.then.as_ref().map(|k| k.detail()).unwrap_or_default()
+    }
 }

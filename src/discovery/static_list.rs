@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use futures_util::{StreamExt, stream};
 
-use super::{Change, Resolve, Update, UpdateStream};
+use super::{Change, Resolve, ServiceRef, Update, UpdateStream};
 use crate::config::{ServiceName, StaticService};
 
 pub struct StaticResolver {
@@ -30,17 +30,23 @@ impl StaticResolver {
     }
 }
 
+impl StaticResolver {
+    pub fn has(&self, service: &ServiceRef) -> bool {
+        self.endpoints.contains_key(&service.name)
+    }
+}
+
 impl Resolve for StaticResolver {
-    fn lookup(&self, dst: SocketAddr) -> Option<ServiceName> {
-        self.by_address.get(&dst).cloned()
+    fn lookup(&self, dst: SocketAddr) -> Option<ServiceRef> {
+        self.by_address.get(&dst).cloned().map(ServiceRef::from)
     }
 
     /// Every endpoint as an insert, then `Synced`, then nothing more (the stream stays open,
     /// as a live source's would).
-    fn resolve(&self, service: &ServiceName) -> UpdateStream {
+    fn resolve(&self, service: &ServiceRef) -> UpdateStream {
         let updates: Vec<Update> = self
             .endpoints
-            .get(service)
+            .get(&service.name)
             .into_iter()
             .flatten()
             .map(|addr| Update::Change(Change::Insert(*addr, ())))
@@ -64,6 +70,7 @@ mod tests {
             addresses: vec![Addr("198.19.0.10:80".parse().unwrap())],
             endpoints: vec![Addr("127.0.0.1:1".parse().unwrap())],
         }]);
+        let svc = ServiceRef::from(svc);
         assert_eq!(
             r.lookup("198.19.0.10:80".parse().unwrap()),
             Some(svc.clone())

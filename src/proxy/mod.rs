@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::balance::{BalanceSettings, Balancer, Endpoint};
-use crate::config::{Config, ServiceName};
+use crate::config::{Config, ServiceRef};
 use crate::discovery::Resolve;
 use crate::metrics::Metrics;
 use crate::readiness::{Readiness, lock};
@@ -84,7 +84,7 @@ pub struct Proxy {
     settings: BalanceSettings,
     detect_timeout: Duration,
     server_first_ports: Vec<u16>,
-    outbound: Mutex<HashMap<ServiceName, Arc<Target>>>,
+    outbound: Mutex<HashMap<ServiceRef, Arc<Target>>>,
     inbound: Mutex<HashMap<u16, Arc<Target>>>,
     passthrough: Arc<Target>,
     app_host: IpAddr,
@@ -97,7 +97,7 @@ pub struct Proxy {
 pub enum Listener {
     Outbound,
     Inbound,
-    Upstream(ServiceName),
+    Upstream(ServiceRef),
 }
 
 /// Counts a connection in the open-connections gauge while it lives.
@@ -152,7 +152,7 @@ impl Proxy {
     }
 
     /// The target for a destination service, created (and its discovery started) on first use.
-    pub fn service(&self, name: &ServiceName) -> Arc<Target> {
+    pub fn service(&self, name: &ServiceRef) -> Arc<Target> {
         let mut map = lock(&self.outbound);
         if let Some(t) = map.get(name) {
             return t.clone();

@@ -28,8 +28,9 @@ where
         match ep.pool.connect_tcp().await {
             Ok(server) => {
                 ep.connect_succeeded();
+                // The connect time is a latency sample; the connection's lifetime is not.
                 drop(inflight);
-                let _conn = ep.start();
+                let _conn = ep.hold();
                 copy(t, client, server, prefix).await;
                 return;
             }

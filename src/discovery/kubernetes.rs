@@ -1,0 +1,590 @@
+//! Kubernetes discovery with kube-rs's runtime watcher.
+//!
+//! Watch scope, chosen for a sidecar in every pod of a large cluster:
+//! - **Services, cluster-wide, reduced on arrival** to what routing needs (cluster IPs, ports and
+//!   their names, type). An app may call any ClusterIP, so the proxy must recognise all of them;
+//!   Services are few next to endpoints and change rarely, and only a few hundred bytes per
+//!   Service are kept (the watcher keeps no object store of its own here).
+//! - **EndpointSlices only of the services this pod talks to**, watched by the
+//!   `kubernetes.io/service-name` label in the service's namespace from the first connection
+//!   (or at startup for services named in the config). A pod never holds the endpoints of the
+//!   whole cluster.
+//!
+//! Failures: the watchers reconnect with kube's default backoff; while a watch is failing the
+//! last known endpoints keep serving (a re-list replaces a set only when it completes, so an API
+//! error never empties a service), and the staleness shows in `/ready`'s detail and in the
+//! `meshlet_discovery_stale` gauge.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::{mpsc, watch};
+
+use super::{Change, Resolve, ServiceRef, Update, UpdateStream};
+use crate::config::ServiceName;
+use crate::metrics::Metrics;
+use crate::readiness::{Readiness, lock};
+
+/// What routing needs of a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub cluster_ips: Vec<IpAddr>,
+    /// (service port, port name; "" when unnamed), TCP ports only.
+    pub ports: Vec<(u16, String)>,
+    /// `ClusterIP: None`: clients connect to pod IPs directly; nothing to balance.
+    pub headless: bool,
+    /// `type: ExternalName`: a DNS alias with no cluster IP; nothing to balance.
+    pub external_name: bool,
+}
+
+impl ServiceInfo {
+    pub fn from_service(svc: &Service) -> Option<(ServiceName, ServiceInfo)> {
+        let name = ServiceName {
+            name: svc.metadata.name.clone()?,
+            namespace: svc.metadata.namespace.clone()?,
+        };
+        let spec = svc.spec.as_ref()?;
+        let external_name = spec.type_.as_deref() == Some("ExternalName");
+        let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+        if let Some(ip) = &spec.cluster_ip {
+            if !ips.contains(ip) {
+                ips.push(ip.clone());
+            }
+        }
+        let headless = ips.iter().any(|ip| ip == "None");
+        let cluster_ips = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                Some((
+                    u16::try_from(p.port).ok()?,
+                    p.name.clone().unwrap_or_default(),
+                ))
+            })
+            .collect();
+        Some((
+            name,
+            ServiceInfo {
+                cluster_ips,
+                ports,
+                headless,
+                external_name,
+            },
+        ))
+    }
+
+    /// The port name of a service port; `None` when the service has no such port. A reference
+    /// without a port means the service's only port.
+    pub fn port_name(&self, port: Option<u16>) -> Option<&str> {
+        match port {
+            Some(p) => self
+                .ports
+                .iter()
+                .find(|(n, _)| *n == p)
+                .map(|(_, name)| name.as_str()),
+            None if self.ports.len() == 1 => Some(self.ports[0].1.as_str()),
+            None => None,
+        }
+    }
+}
+
+/// An endpoint's conditions as EndpointSlices state them (with the API's defaults for unset
+/// fields: ready = true, serving = ready, terminating = false).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// The endpoints of one slice for a port name: address (with the slice's port for that name,
+/// which resolves named target ports per slice) and conditions.
+pub fn slice_endpoints(slice: &EndpointSlice, port_name: &str) -> Vec<(SocketAddr, Conditions)> {
+    if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+        return Vec::new();
+    }
+    let Some(port) = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .find(|p| p.name.as_deref().unwrap_or("") == port_name)
+        .and_then(|p| p.port)
+        .and_then(|p| u16::try_from(p).ok())
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for ep in &slice.endpoints {
+        let c = ep.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let cond = Conditions {
+            ready,
+            serving: c.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+        };
+        for a in &ep.addresses {
+            if let Ok(ip) = a.parse::<IpAddr>() {
+                out.push((SocketAddr::new(ip, port), cond));
+            }
+        }
+    }
+    out
+}
+
+/// The endpoints to route to: the ready ones; when none is ready, the serving ones (including
+/// terminating), as kube-proxy does; never an endpoint that is neither.
+pub fn effective<'a>(
+    all: impl Iterator<Item = &'a (SocketAddr, Conditions)> + Clone,
+) -> HashSet<SocketAddr> {
+    let ready: HashSet<SocketAddr> = all
+        .clone()
+        .filter(|(_, c)| c.ready)
+        .map(|(a, _)| *a)
+        .collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    all.filter(|(_, c)| c.serving).map(|(a, _)| *a).collect()
+}
+
+/// Health of one watch, for `/ready`'s detail and the staleness gauge.
+#[derive(Default)]
+struct WatchHealth {
+    /// Since when, and why, the watch has been failing.
+    failing: BTreeMap<String, (Instant, String)>,
+}
+
+#[derive(Default)]
+struct Index {
+    by_vip: HashMap<SocketAddr, (ServiceName, u16)>,
+    services: HashMap<ServiceName, ServiceInfo>,
+}
+
+impl Index {
+    fn rebuild(services: HashMap<ServiceName, ServiceInfo>) -> Index {
+        let mut by_vip = HashMap::new();
+        for (name, info) in &services {
+            for ip in &info.cluster_ips {
+                for (port, _) in &info.ports {
+                    by_vip.insert(SocketAddr::new(*ip, *port), (name.clone(), *port));
+                }
+            }
+        }
+        Index { by_vip, services }
+    }
+}
+
+pub struct KubeResolver {
+    client: kube::Client,
+    index: Arc<RwLock<Index>>,
+    /// Becomes true once the first full list of Services is in.
+    services_synced: watch::Receiver<bool>,
+    health: Arc<Mutex<WatchHealth>>,
+    metrics: Arc<Metrics>,
+}
+
+impl KubeResolver {
+    /// Connects with the given kubeconfig, or else `KUBECONFIG`/`~/.kube/config`, or else the
+    /// in-cluster service account.
+    pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
+        let config = match kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| format!("cannot read kubeconfig {}: {e}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .map_err(|e| format!("bad kubeconfig {}: {e}", path.display()))?
+            }
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| format!("no Kubernetes configuration found: {e}"))?,
+        };
+        kube::Client::try_from(config).map_err(|e| format!("cannot build a Kubernetes client: {e}"))
+    }
+
+    /// Starts the Services watch; readiness waits for its first full list.
+    pub fn start(client: kube::Client, readiness: &Readiness, metrics: Arc<Metrics>) -> Arc<Self> {
+        let (synced_tx, synced_rx) = watch::channel(false);
+        let r = Arc::new(KubeResolver {
+            client,
+            index: Arc::default(),
+            services_synced: synced_rx,
+            health: Arc::default(),
+            metrics,
+        });
+        let guard = readiness.register("kubernetes: first list of Services");
+        tokio::spawn(r.clone().watch_services(guard, synced_tx));
+        r
+    }
+
+    fn mark(&self, watch: &str, error: Option<String>) {
+        let mut h = lock(&self.health);
+        let stale = self.metrics.discovery_stale.with_label_values(&[watch]);
+        match error {
+            Some(e) => {
+                self.metrics
+                    .discovery_errors
+                    .with_label_values(&[watch])
+                    .inc();
+                h.failing
+                    .entry(watch.to_string())
+                    .and_modify(|(_, why)| *why = e.clone())
+                    .or_insert((Instant::now(), e));
+                stale.set(1);
+            }
+            None => {
+                if h.failing.remove(watch).is_some() {
+                    tracing::info!(watch, "watch recovered");
+                }
+                stale.set(0);
+            }
+        }
+    }
+
+    /// Lines for `/ready`'s detail: watches that are failing, for how long, and why.
+    pub fn staleness(&self) -> Vec<String> {
+        let h = lock(&self.health);
+        h.failing
+            .iter()
+            .map(|(w, (since, why))| {
+                format!(
+                    "discovery stale: watch {w} failing for {:?} (serving the last known endpoints): {why}",
+                    Duration::from_secs(since.elapsed().as_secs())
+                )
+            })
+            .collect()
+    }
+
+    async fn watch_services(
+        self: Arc<Self>,
+        guard: crate::readiness::Guard,
+        synced: watch::Sender<bool>,
+    ) {
+        let mut guard = Some(guard);
+        let api: Api<Service> = Api::all(self.client.clone());
+        let mut stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut buffer: Option<HashMap<ServiceName, ServiceInfo>> = None;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(watcher::Event::Init) => buffer = Some(HashMap::new()),
+                Ok(watcher::Event::InitApply(s)) => {
+                    if let (Some(b), Some((n, i))) =
+                        (buffer.as_mut(), ServiceInfo::from_service(&s))
+                    {
+                        b.insert(n, i);
+                    }
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let services = buffer.take().unwrap_or_default();
+                    tracing::debug!(services = services.len(), "services listed");
+                    *self.index.write().unwrap_or_else(|e| e.into_inner()) =
+                        Index::rebuild(services);
+                    synced.send_replace(true);
+                    guard.take();
+                    self.mark("services", None);
+                }
+                Ok(watcher::Event::Apply(s)) => {
+                    if let Some((n, i)) = ServiceInfo::from_service(&s) {
+                        let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
+                        let mut services = std::mem::take(&mut idx.services);
+                        services.insert(n, i);
+                        *idx = Index::rebuild(services);
+                    }
+                    self.mark("services", None);
+                }
+                Ok(watcher::Event::Delete(s)) => {
+                    if let Some((n, _)) = ServiceInfo::from_service(&s) {
+                        let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
+                        let mut services = std::mem::take(&mut idx.services);
+                        services.remove(&n);
+                        *idx = Index::rebuild(services);
+                    }
+                    self.mark("services", None);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Services watch failed; retrying with backoff");
+                    self.mark("services", Some(e.to_string()));
+                }
+            }
+        }
+    }
+
+    fn service_info(&self, name: &ServiceName) -> Option<ServiceInfo> {
+        let idx = self.index.read().unwrap_or_else(|e| e.into_inner());
+        idx.services.get(name).cloned()
+    }
+
+    /// Follows one service's EndpointSlices and sends the changes of its effective endpoint set.
+    async fn watch_slices(self: Arc<Self>, target: ServiceRef, tx: mpsc::UnboundedSender<Update>) {
+        let label = format!("endpointslices {target}");
+        // The port name comes from the Service, so wait for the first list of Services.
+        let mut synced = self.services_synced.clone();
+        if synced.wait_for(|s| *s).await.is_err() {
+            return;
+        }
+        let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &target.name.namespace);
+        let cfg = watcher::Config::default()
+            .labels(&format!("kubernetes.io/service-name={}", target.name.name));
+        let mut stream = watcher(api, cfg).default_backoff().boxed();
+        let mut slices: HashMap<String, EndpointSlice> = HashMap::new();
+        let mut buffer: Option<HashMap<String, EndpointSlice>> = None;
+        let mut current: HashSet<SocketAddr> = HashSet::new();
+        let mut sent_synced = false;
+        while let Some(ev) = stream.next().await {
+            let changed = match ev {
+                Ok(watcher::Event::Init) => {
+                    buffer = Some(HashMap::new());
+                    false
+                }
+                Ok(watcher::Event::InitApply(s)) => {
+                    if let (Some(b), Some(n)) = (buffer.as_mut(), s.metadata.name.clone()) {
+                        b.insert(n, s);
+                    }
+                    false
+                }
+                Ok(watcher::Event::InitDone) => {
+                    slices = buffer.take().unwrap_or_default();
+                    true
+                }
+                Ok(watcher::Event::Apply(s)) => {
+                    if let Some(n) = s.metadata.name.clone() {
+                        slices.insert(n, s);
+                    }
+                    true
+                }
+                Ok(watcher::Event::Delete(s)) => {
+                    if let Some(n) = &s.metadata.name {
+                        slices.remove(n);
+                    }
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(service = %target, error = %e, "EndpointSlice watch failed; keeping the last known endpoints");
+                    self.mark(&label, Some(e.to_string()));
+                    false
+                }
+            };
+            if !changed {
+                continue;
+            }
+            self.mark(&label, None);
+            let port_name = match self.service_info(&target.name) {
+                Some(info) => match info.port_name(target.port) {
+                    Some(n) => n.to_string(),
+                    None => {
+                        tracing::warn!(service = %target, ports = ?info.ports, "the service has no such port");
+                        String::new()
+                    }
+                },
+                // A service without a Service object (hand-made EndpointSlices only): an
+                // unnamed port.
+                None => String::new(),
+            };
+            let all: Vec<(SocketAddr, Conditions)> = slices
+                .values()
+                .flat_map(|s| slice_endpoints(s, &port_name))
+                .collect();
+            let next = effective(all.iter());
+            for gone in current.difference(&next) {
+                if tx.send(Update::Change(Change::Remove(*gone))).is_err() {
+                    return;
+                }
+            }
+            for new in next.difference(&current) {
+                if tx.send(Update::Change(Change::Insert(*new, ()))).is_err() {
+                    return;
+                }
+            }
+            current = next;
+            if !sent_synced {
+                sent_synced = true;
+                if tx.send(Update::Synced).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Resolve for Arc<KubeResolver> {
+    fn lookup(&self, dst: SocketAddr) -> Option<ServiceRef> {
+        let idx = self.index.read().unwrap_or_else(|e| e.into_inner());
+        idx.by_vip.get(&dst).map(|(name, port)| ServiceRef {
+            name: name.clone(),
+            port: Some(*port),
+        })
+    }
+
+    fn resolve(&self, target: &ServiceRef) -> UpdateStream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(self.clone().watch_slices(target.clone(), tx));
+        Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|u| (u, rx))
+        }))
+    }
+
+    fn detail(&self) -> Vec<String> {
+        self.staleness()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    use kube::api::ObjectMeta;
+
+    fn service(ip: &str, ports: &[(i32, &str)]) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("prod".into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(ip.into()),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|(p, n)| ServicePort {
+                            port: *p,
+                            name: (!n.is_empty()).then(|| n.to_string()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// (address, ready, serving, terminating)
+    type Ep<'a> = (&'a str, Option<bool>, Option<bool>, Option<bool>);
+
+    fn slice(
+        ports: &[(&str, i32)],
+        eps: &[Ep],
+    ) -> EndpointSlice {
+        EndpointSlice {
+            address_type: "IPv4".into(),
+            metadata: ObjectMeta::default(),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p)| EndpointPort {
+                        name: Some(n.to_string()),
+                        port: Some(*p),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            endpoints: eps
+                .iter()
+                .map(|(ip, ready, serving, terminating)| Endpoint {
+                    addresses: vec![ip.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: *ready,
+                        serving: *serving,
+                        terminating: *terminating,
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn service_info_and_port_names() {
+        let (n, info) =
+            ServiceInfo::from_service(&service("198.19.0.10", &[(80, "http"), (9090, "admin")]))
+                .unwrap();
+        assert_eq!(n.to_string(), "web.prod");
+        assert_eq!(
+            info.cluster_ips,
+            vec!["198.19.0.10".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(info.port_name(Some(80)), Some("http"));
+        assert_eq!(info.port_name(Some(81)), None);
+        assert_eq!(
+            info.port_name(None),
+            None,
+            "two ports: a port must be named"
+        );
+        let (_, headless) = ServiceInfo::from_service(&service("None", &[(80, "")])).unwrap();
+        assert!(headless.headless && headless.cluster_ips.is_empty());
+        assert_eq!(headless.port_name(None), Some(""));
+        let idx = Index::rebuild([(n, info)].into_iter().collect());
+        assert_eq!(idx.by_vip.len(), 2);
+    }
+
+    #[test]
+    fn named_target_ports_resolve_per_slice() {
+        // Two slices name the same port differently numbered (a rolling change of targetPort).
+        let a = slice(&[("http", 8080)], &[("198.18.0.1", Some(true), None, None)]);
+        let b = slice(&[("http", 8081)], &[("198.18.0.2", Some(true), None, None)]);
+        let got: Vec<SocketAddr> = [a, b]
+            .iter()
+            .flat_map(|s| slice_endpoints(s, "http"))
+            .map(|(a, _)| a)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                "198.18.0.1:8080".parse().unwrap(),
+                "198.18.0.2:8081".parse().unwrap()
+            ]
+        );
+        let none = slice(
+            &[("metrics", 9000)],
+            &[("198.18.0.1", Some(true), None, None)],
+        );
+        assert!(slice_endpoints(&none, "http").is_empty());
+    }
+
+    #[test]
+    fn ready_first_then_serving_never_neither() {
+        let s = slice(
+            &[("", 80)],
+            &[
+                ("198.18.0.1", Some(true), Some(true), Some(false)),
+                ("198.18.0.2", Some(false), Some(true), Some(true)),
+                ("198.18.0.3", Some(false), Some(false), Some(false)),
+            ],
+        );
+        let all = slice_endpoints(&s, "");
+        let eff = effective(all.iter());
+        assert_eq!(
+            eff,
+            ["198.18.0.1:80".parse().unwrap()].into_iter().collect()
+        );
+        // No ready endpoint: fall back to serving (terminating) ones, never the third.
+        let all: Vec<_> = all
+            .into_iter()
+            .filter(|(a, _)| a.ip().to_string() != "198.18.0.1")
+            .collect();
+        let eff = effective(all.iter());
+        assert_eq!(
+            eff,
+            ["198.18.0.2:80".parse().unwrap()].into_iter().collect()
+        );
+        // Unset conditions mean ready.
+        let s = slice(&[("", 80)], &[("198.18.0.9", None, None, None)]);
+        assert_eq!(effective(slice_endpoints(&s, "").iter()).len(), 1);
+    }
+}
