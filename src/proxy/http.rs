@@ -2,19 +2,14 @@
 //! pooled connection, and answered with the upstream's response streamed back.
 
 use std::convert::Infallible;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Target;
 use super::body::Body;
@@ -128,12 +123,7 @@ async fn forward(t: &Target, mut req: Request<Incoming>) -> Response<Body> {
 /// one that ends in an error (a reset) keeps what it carried.
 fn splice_upgrade(t: &Target, client: hyper::upgrade::OnUpgrade, rsp: &mut Response<Body>) {
     let server = hyper::upgrade::on(&mut *rsp);
-    let bytes = |flow| {
-        t.metrics
-            .tcp_bytes
-            .with_label_values(&[t.direction.as_str(), &t.service, flow])
-    };
-    let (to_server, to_client) = (bytes("to_server"), bytes("to_client"));
+    let counters = t.byte_counters();
     t.tasks.spawn(async move {
         let (client, server) = match tokio::try_join!(client, server) {
             Ok(both) => both,
@@ -142,74 +132,8 @@ fn splice_upgrade(t: &Target, client: hyper::upgrade::OnUpgrade, rsp: &mut Respo
                 return;
             }
         };
-        let mut c = CountWrites::new(TokioIo::new(client), to_client);
-        let mut s = CountWrites::new(TokioIo::new(server), to_server);
-        if let Err(error) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
-            tracing::debug!(%error, "upgraded stream ended with an error");
-        }
+        super::tcp::splice(TokioIo::new(client), TokioIo::new(server), counters).await;
     });
-}
-
-/// A stream that adds the bytes written to it to a counter as they go.
-pub(crate) struct CountWrites<I> {
-    io: I,
-    written: IntCounter,
-}
-
-impl<I> CountWrites<I> {
-    pub(crate) fn new(io: I, written: IntCounter) -> Self {
-        CountWrites { io, written }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for CountWrites<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for CountWrites<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            this.written.inc_by(n as u64);
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = r {
-            this.written.inc_by(n as u64);
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
 }
 
 fn is_grpc(h: &HeaderMap) -> bool {

@@ -76,6 +76,22 @@ pub struct Target {
     pub tasks: TaskTracker,
 }
 
+impl Target {
+    pub(crate) fn byte_counters(&self) -> tcp::ByteCounters {
+        let c = |flow| {
+            self.metrics.tcp_bytes.with_label_values(&[
+                self.direction.as_str(),
+                &self.service,
+                flow,
+            ])
+        };
+        tcp::ByteCounters {
+            to_server: c("to_server"),
+            to_client: c("to_client"),
+        }
+    }
+}
+
 /// The shared state of all listeners.
 pub struct Proxy {
     metrics: Arc<Metrics>,

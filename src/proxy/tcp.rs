@@ -5,7 +5,12 @@
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::Target;
@@ -69,30 +74,100 @@ where
     }
 }
 
-async fn copy<I>(t: &Target, mut client: I, mut server: TcpStream, prefix: BytesMut)
+async fn copy<I>(t: &Target, client: I, server: TcpStream, prefix: BytesMut)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
+    let counters = t.byte_counters();
+    let mut server = CountWrites::new(server, counters.to_server.clone());
     if !prefix.is_empty() {
         if let Err(error) = server.write_all(&prefix).await {
             tracing::debug!(%error, "write to endpoint failed");
             return;
         }
     }
-    let (up, down) = match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        Ok(n) => n,
-        Err(error) => {
-            tracing::debug!(%error, "tcp copy ended with an error");
-            return;
+    splice(client, server.io, counters).await
+}
+
+/// The byte counters of one target, by flow.
+pub(crate) struct ByteCounters {
+    pub to_server: IntCounter,
+    pub to_client: IntCounter,
+}
+
+/// Copies both ways until both directions end (half-close kept), counting bytes as they are
+/// written: a long-lived stream shows while it lasts, and one that ends in a reset keeps what
+/// it carried.
+pub(crate) async fn splice<A, B>(client: A, server: B, counters: ByteCounters)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut c = CountWrites::new(client, counters.to_client);
+    let mut s = CountWrites::new(server, counters.to_server);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
+        tracing::debug!(%error, "stream ended with an error");
+    }
+}
+
+/// A stream that adds the bytes written to it to a counter as they go.
+pub(crate) struct CountWrites<I> {
+    io: I,
+    written: IntCounter,
+}
+
+impl<I> CountWrites<I> {
+    pub(crate) fn new(io: I, written: IntCounter) -> Self {
+        CountWrites { io, written }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for CountWrites<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for CountWrites<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.written.inc_by(n as u64);
         }
-    };
-    let dir = t.direction.as_str();
-    t.metrics
-        .tcp_bytes
-        .with_label_values(&[dir, &t.service, "to_server"])
-        .inc_by(up + prefix.len() as u64);
-    t.metrics
-        .tcp_bytes
-        .with_label_values(&[dir, &t.service, "to_client"])
-        .inc_by(down);
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.written.inc_by(n as u64);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
