@@ -32,6 +32,8 @@ pub struct BalanceSettings {
     pub default_rtt: Duration,
     pub decay: Duration,
     pub connect_timeout: Duration,
+    /// How long a request waits for a service's first endpoint set (on-demand discovery).
+    pub sync_timeout: Duration,
 }
 
 /// One endpoint of a service: its address, its connections and its load.
@@ -52,6 +54,8 @@ pub struct Endpoint {
 struct Rtt {
     ns: f64,
     at: Instant,
+    /// Whether the estimate comes from a real answer (else it is `default_rtt`, decaying).
+    sampled: bool,
 }
 
 /// An in-flight request on an endpoint; its drop records the observed latency.
@@ -93,7 +97,12 @@ impl Rtt {
 
     /// A peak is taken at once; lower samples move the estimate by the decay weight.
     fn observe(&mut self, sample_ns: f64, now: Instant, decay_ns: f64) {
-        if sample_ns > self.ns {
+        if !self.sampled {
+            // The first answer replaces the default outright.
+            self.sampled = true;
+            self.ns = sample_ns;
+            self.at = now;
+        } else if sample_ns > self.ns {
             self.ns = sample_ns;
             self.at = now;
         } else {
@@ -115,6 +124,7 @@ impl Endpoint {
             rtt: Mutex::new(Rtt {
                 ns: settings.default_rtt.as_nanos() as f64,
                 at: now,
+                sampled: false,
             }),
             decay_ns: (settings.decay.as_nanos() as f64).max(1.0),
             skip_until_ns: AtomicU64::new(0),
@@ -125,9 +135,18 @@ impl Endpoint {
 
     /// Peak-EWMA latency times (in-flight + 1).
     pub fn cost(&self) -> f64 {
-        let pending = self.pending.load(Ordering::Acquire);
-        let est = lock(&self.rtt).decayed(Instant::now(), self.decay_ns);
-        est * f64::from(pending + 1)
+        let (est, _) = self.estimate();
+        est * self.load_factor()
+    }
+
+    /// The decayed latency estimate, and whether it comes from real answers.
+    fn estimate(&self) -> (f64, bool) {
+        let mut rtt = lock(&self.rtt);
+        (rtt.decayed(Instant::now(), self.decay_ns), rtt.sampled)
+    }
+
+    fn load_factor(&self) -> f64 {
+        f64::from(self.pending.load(Ordering::Acquire) + 1)
     }
 
     pub fn start(self: &Arc<Self>) -> InFlight {
@@ -179,6 +198,8 @@ pub struct Balancer {
     endpoints: RwLock<Arc<[Arc<Endpoint>]>>,
     settings: BalanceSettings,
     endpoint_gauge: IntGauge,
+    /// True once discovery has delivered the first full endpoint set.
+    synced: tokio::sync::watch::Sender<bool>,
 }
 
 impl Balancer {
@@ -192,7 +213,19 @@ impl Balancer {
             endpoints: RwLock::new(Arc::from(Vec::new())),
             settings,
             endpoint_gauge,
+            synced: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Waits, up to `sync_timeout`, for discovery's first full endpoint set: the first request
+    /// to a service discovered on demand waits for its watch instead of being refused with
+    /// "no endpoints" while the watch starts. Free once synced.
+    pub async fn wait_synced(&self) {
+        if *self.synced.borrow() {
+            return;
+        }
+        let mut rx = self.synced.subscribe();
+        let _ = tokio::time::timeout(self.settings.sync_timeout, rx.wait_for(|s| *s)).await;
     }
 
     /// Applies discovery's updates for as long as the stream lasts. `ready` is dropped at the
@@ -204,6 +237,7 @@ impl Balancer {
                 Update::Change(c) => self.apply(c),
                 Update::Synced => {
                     ready.take();
+                    self.synced.send_replace(true);
                 }
             }
         }
@@ -268,7 +302,7 @@ impl Balancer {
                 let (a, b) = (&list[i], &list[j]);
                 let ok = |e: &Arc<Endpoint>| usable(e) && e.available();
                 match (ok(a), ok(b)) {
-                    (true, true) => Some(if b.cost() < a.cost() { b } else { a }),
+                    (true, true) => Some(if prefer_second(a, b) { b } else { a }),
                     (true, false) => Some(a),
                     (false, true) => Some(b),
                     (false, false) => None,
@@ -288,6 +322,22 @@ impl Balancer {
     }
 }
 
+/// The p2c comparison. An endpoint that has not answered anything yet competes with its peer's
+/// latency estimate (its in-flight requests still count): with `default_rtt` alone, a new
+/// endpoint next to a warm one that answers faster than `default_rtt` would never be chosen,
+/// and would wait for the default to decay before getting any traffic (a scale-up that takes
+/// tens of seconds to matter). Ties are broken at random.
+fn prefer_second(a: &Endpoint, b: &Endpoint) -> bool {
+    let ((ea, sa), (eb, sb)) = (a.estimate(), b.estimate());
+    let (ea, eb) = match (sa, sb) {
+        (false, true) => (eb, eb),
+        (true, false) => (ea, ea),
+        _ => (ea, eb),
+    };
+    let (ca, cb) = (ea * a.load_factor(), eb * b.load_factor());
+    cb < ca || (cb == ca && fastrand::bool())
+}
+
 fn cost_order(a: &&Arc<Endpoint>, b: &&Arc<Endpoint>) -> std::cmp::Ordering {
     a.cost().total_cmp(&b.cost())
 }
@@ -301,6 +351,7 @@ mod tests {
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(1),
+            sync_timeout: Duration::from_secs(5),
         }
     }
 
@@ -353,11 +404,28 @@ mod tests {
             let ms = if *addr == slow { 50 } else { 1 };
             let mut r = lock(&ep.rtt);
             r.ns = Duration::from_millis(ms).as_nanos() as f64;
+            r.sampled = true;
         }
         let picked_slow = (0..1000)
             .filter(|_| b.pick(&[]).unwrap().addr == slow)
             .count();
         assert_eq!(picked_slow, 0);
+    }
+
+    #[test]
+    fn a_new_endpoint_competes_with_a_warm_one() {
+        let b = balancer(1);
+        let warm = b.pick(&[]).unwrap();
+        {
+            let mut r = lock(&warm.rtt);
+            r.ns = Duration::from_micros(300).as_nanos() as f64;
+            r.sampled = true;
+        }
+        b.apply(Change::Insert(SocketAddr::from(([127, 0, 0, 1], 2000)), ()));
+        let new = (0..200)
+            .filter(|_| b.pick(&[]).unwrap().addr.port() == 2000)
+            .count();
+        assert!(new > 50, "the new endpoint was picked {new} times of 200");
     }
 
     #[test]

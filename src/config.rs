@@ -131,7 +131,7 @@ pub struct UpstreamConfig {
     pub service: ServiceRef,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiscoveryConfig {
     /// Services with a fixed endpoint list (the embedded default, no cluster needed).
@@ -140,6 +140,8 @@ pub struct DiscoveryConfig {
     /// Discovery through the Kubernetes API. Enabled when present, and by default when running
     /// in a cluster (`KUBERNETES_SERVICE_HOST` set) with no static services configured.
     pub kubernetes: Option<KubernetesConfig>,
+    /// How long a request to a service seen for the first time waits for its endpoints.
+    pub sync_timeout: Dur,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -148,6 +150,16 @@ pub struct KubernetesConfig {
     /// A kubeconfig file; default: `KUBECONFIG`, `~/.kube/config`, else the in-cluster
     /// service account.
     pub kubeconfig: Option<std::path::PathBuf>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            static_services: Vec::new(),
+            kubernetes: None,
+            sync_timeout: Dur(Duration::from_secs(5)),
+        }
+    }
 }
 
 impl DiscoveryConfig {

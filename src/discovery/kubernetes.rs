@@ -476,10 +476,7 @@ mod tests {
     /// (address, ready, serving, terminating)
     type Ep<'a> = (&'a str, Option<bool>, Option<bool>, Option<bool>);
 
-    fn slice(
-        ports: &[(&str, i32)],
-        eps: &[Ep],
-    ) -> EndpointSlice {
+    fn slice(ports: &[(&str, i32)], eps: &[Ep]) -> EndpointSlice {
         EndpointSlice {
             address_type: "IPv4".into(),
             metadata: ObjectMeta::default(),

@@ -47,6 +47,7 @@ async fn forward(t: &Target, mut req: Request<Incoming>) -> Response<Body> {
     }
     let mut req = Request::from_parts(parts, Body::incoming(body));
 
+    t.route.wait_synced().await;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = None;
     while tried.len() < MAX_CONNECT_ATTEMPTS {

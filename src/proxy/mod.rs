@@ -54,6 +54,13 @@ pub enum Route {
 }
 
 impl Route {
+    /// Waits for the route's first endpoint set, if it has to.
+    pub async fn wait_synced(&self) {
+        if let Route::Balanced(b) = self {
+            b.wait_synced().await
+        }
+    }
+
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {
         match self {
             Route::Balanced(b) => b.pick(exclude),
@@ -152,6 +159,7 @@ impl Proxy {
                 default_rtt: config.balance.default_rtt.0,
                 decay: config.balance.decay.0,
                 connect_timeout: config.connect_timeout.0,
+                sync_timeout: config.discovery.sync_timeout.0,
             },
             detect_timeout: config.detect.timeout.0,
             server_first_ports: config.detect.server_first_ports.clone(),

@@ -24,6 +24,7 @@ pub async fn proxy<I>(t: &Target, mut client: I, prefix: BytesMut)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
+    t.route.wait_synced().await;
     let mut tried: Vec<SocketAddr> = Vec::new();
     while tried.len() < MAX_CONNECT_ATTEMPTS {
         let Some(ep) = t.route.pick(&tried) else {

@@ -1,0 +1,462 @@
+#!/usr/bin/env bash
+# meshlet benchmark: the same fixed-rate load against a backend directly, through meshlet and
+# through HAProxy, for HTTP/1.1 (oha -> nginx) and gRPC unary over h2c (ghz -> a Go gRPC server).
+#
+# Usage:  bench/run.sh            (default: 10 s per round, 3 rounds, about 5.5 minutes)
+#         BENCH_SECONDS=5 BENCH_ROUNDS=3 bench/run.sh
+#
+# Everything listens on 127.0.0.1 only. Every process started here is recorded by PID and ended
+# by that PID on exit (trap EXIT). See bench/README.md for the method.
+set -euo pipefail
+
+# ---------------------------------------------------------------------------------------------
+# Settings (environment)
+BENCH_SECONDS=${BENCH_SECONDS:-10}          # measured duration of one fixed-rate run
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}             # alternating rounds (direct, meshlet, haproxy, ...)
+BENCH_RATES=${BENCH_RATES:-"2000 5000"}     # HTTP fixed rates, req/s
+BENCH_GRPC_RATE=${BENCH_GRPC_RATE:-2000}    # gRPC fixed rate, req/s
+BENCH_SAT_SECONDS=${BENCH_SAT_SECONDS:-5}   # unthrottled saturation run per target
+BENCH_WARMUP_SECONDS=${BENCH_WARMUP_SECONDS:-1}
+BENCH_CONNS=${BENCH_CONNS:-16}
+BENCH_HTTP=${BENCH_HTTP:-1}                 # 0: skip the HTTP part
+BENCH_GRPC=${BENCH_GRPC:-1}                 # 0: skip the gRPC part
+BENCH_LOADGEN_CPU=${BENCH_LOADGEN_CPU:-0}   # CPU for oha / ghz
+BENCH_SUT_CPU=${BENCH_SUT_CPU:-1}           # CPU for nginx, the gRPC backend, meshlet, haproxy
+BENCH_PORT_BASE=${BENCH_PORT_BASE:-18000}   # all ports are BENCH_PORT_BASE + a small offset
+BENCH_OUT=${BENCH_OUT:-}                    # where to keep raw results (default: a temp dir)
+BENCH_NO_BUILD=${BENCH_NO_BUILD:-0}         # 1: do not run cargo build / go build
+GHZ_VERSION=${GHZ_VERSION:-v0.120.0}        # the newest ghz that `go install` builds with Go 1.26
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+MESHLET_BIN=${MESHLET_BIN:-$REPO/target/release/meshlet}
+HAPROXY_BIN=${HAPROXY_BIN:-/usr/sbin/haproxy}
+NGINX_BIN=${NGINX_BIN:-/usr/sbin/nginx}
+export PATH="$HOME/.cargo/bin:$HOME/go/bin:/usr/local/go/bin:$PATH"
+
+# Ports (127.0.0.1 only)
+P_NGINX1=$((BENCH_PORT_BASE + 81))
+P_NGINX2=$((BENCH_PORT_BASE + 82))
+P_GRPC1=$((BENCH_PORT_BASE + 51))
+P_GRPC2=$((BENCH_PORT_BASE + 52))
+P_MESH_HTTP=$((BENCH_PORT_BASE + 100))
+P_MESH_HTTP_ADMIN=$((BENCH_PORT_BASE + 190))
+P_MESH_GRPC=$((BENCH_PORT_BASE + 101))
+P_MESH_GRPC_ADMIN=$((BENCH_PORT_BASE + 191))
+P_HAP_HTTP=$((BENCH_PORT_BASE + 200))
+P_HAP_GRPC=$((BENCH_PORT_BASE + 201))
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Process bookkeeping: every background process is recorded; the EXIT trap ends them by PID.
+PIDS=()
+cleanup() {
+    local rc=$?
+    local pid alive
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for _ in $(seq 1 30); do
+        alive=0
+        for pid in "${PIDS[@]}"; do
+            kill -0 "$pid" 2>/dev/null && alive=1
+        done
+        [ "$alive" = 0 ] && break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start_bg NAME CPU CMD... : start CMD pinned to CPU in the background, log to $WORK/NAME.log,
+# record its PID; the PID is left in $LAST_PID.
+start_bg() {
+    local name=$1 cpu=$2
+    shift 2
+    taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+    echo "$name $LAST_PID" >>"$WORK/pids.txt"
+}
+
+# stop_pid PID : TERM, wait up to 3 s, then KILL. Only PIDs this script started.
+stop_pid() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 1 30); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# run_loadgen NAME CMD... : run a load generator pinned to the load CPU, bounded in time, record
+# its PID while it runs and wait for it. Its stdout goes to $WORK/NAME.out.
+run_loadgen() {
+    local name=$1
+    shift
+    local limit=$((BENCH_SECONDS > BENCH_SAT_SECONDS ? BENCH_SECONDS : BENCH_SAT_SECONDS))
+    limit=$((limit + 60))
+    taskset -c "$BENCH_LOADGEN_CPU" timeout --kill-after=5 "$limit" "$@" \
+        >"$WORK/$name.out" 2>"$WORK/$name.err" &
+    local pid=$!
+    PIDS+=("$pid")
+    local rc=0
+    wait "$pid" || rc=$?
+    if [ "$rc" != 0 ]; then
+        log "load generator run $name exited $rc: $(tail -n 3 "$WORK/$name.err" | tr '\n' ' ')"
+    fi
+    return 0
+}
+
+wait_port() { # wait_port PORT : until something accepts on 127.0.0.1:PORT (10 s)
+    local port=$1
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    die "nothing listens on 127.0.0.1:$port after 10 s"
+}
+
+port_free() {
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+        die "127.0.0.1:$1 is already in use (set BENCH_PORT_BASE to move every port)"
+    fi
+}
+
+cpu_ticks() { # utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat)
+    local stat
+    stat=$(cat "/proc/$1/stat")
+    stat=${stat##*) }             # drop "pid (comm) " (comm may contain spaces)
+    set -- $stat                  # now $1 is field 3 (state)
+    echo $(( ${12} + ${13} ))     # fields 14 and 15
+}
+
+status_kb() { # status_kb PID FIELD : a kB value from /proc/PID/status
+    awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"
+}
+
+now() { date +%s.%N; }
+
+# ---------------------------------------------------------------------------------------------
+# Preconditions, tools and builds
+[ "$(nproc)" -ge 2 ] || die "needs at least 2 CPUs (load generator and system under test apart)"
+for c in taskset timeout python3 curl; do
+    command -v "$c" >/dev/null || die "$c not found"
+done
+[ -x "$HAPROXY_BIN" ] || die "haproxy not found at $HAPROXY_BIN (apt-get install haproxy)"
+[ -x "$NGINX_BIN" ] || die "nginx not found at $NGINX_BIN (apt-get install nginx)"
+
+if [ -n "$BENCH_OUT" ]; then
+    mkdir -p "$BENCH_OUT"
+    WORK=$(cd "$BENCH_OUT" && pwd)
+else
+    WORK=$(mktemp -d /tmp/meshlet-bench.XXXXXX)
+fi
+RES="$WORK/results"
+mkdir -p "$RES"
+: >"$WORK/pids.txt"
+log "raw results and logs: $WORK"
+
+if [ "$BENCH_HTTP" = 1 ] && ! command -v oha >/dev/null; then
+    log "oha not on PATH: cargo install oha --locked (into ~/.cargo/bin)"
+    cargo install oha --locked >"$WORK/oha-install.log" 2>&1 ||
+        die "cargo install oha --locked failed, see $WORK/oha-install.log"
+fi
+if [ "$BENCH_GRPC" = 1 ]; then
+    if ! command -v ghz >/dev/null || ! go version -m "$(command -v ghz)" 2>/dev/null | grep -q "bojand/ghz[[:space:]]*$GHZ_VERSION"; then
+        log "installing ghz $GHZ_VERSION: go install github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION"
+        GOFLAGS=-buildvcs=false go install "github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION" \
+            >"$WORK/ghz-install.log" 2>&1 || die "ghz install failed, see $WORK/ghz-install.log"
+    fi
+fi
+
+if [ "$BENCH_NO_BUILD" != 1 ]; then
+    log "cargo build --release (meshlet)"
+    (cd "$REPO" && cargo build --release --quiet) >"$WORK/meshlet-build.log" 2>&1 ||
+        die "cargo build --release failed, see $WORK/meshlet-build.log"
+fi
+[ -x "$MESHLET_BIN" ] || die "meshlet binary not found at $MESHLET_BIN"
+if [ "$BENCH_GRPC" = 1 ]; then
+    GRPC_BACKEND_BIN="$WORK/grpc-backend"
+    log "go build (bench/grpc-backend)"
+    (cd "$HERE/grpc-backend" && GOFLAGS=-buildvcs=false go build -o "$GRPC_BACKEND_BIN" .) \
+        >"$WORK/grpc-backend-build.log" 2>&1 || die "go build failed, see $WORK/grpc-backend-build.log"
+fi
+
+for p in $P_NGINX1 $P_NGINX2 $P_GRPC1 $P_GRPC2 $P_MESH_HTTP $P_MESH_HTTP_ADMIN $P_MESH_GRPC \
+    $P_MESH_GRPC_ADMIN $P_HAP_HTTP $P_HAP_GRPC; do
+    port_free "$p"
+done
+
+# ---------------------------------------------------------------------------------------------
+# Environment facts for the report
+CLK_TCK=$(getconf CLK_TCK)
+{
+    echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "nproc=$(nproc)"
+    echo "cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+    echo "kernel=$(uname -r)"
+    echo "loadavg_start=$(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "clk_tck=$CLK_TCK"
+    echo "seconds=$BENCH_SECONDS"
+    echo "rounds=$BENCH_ROUNDS"
+    echo "sat_seconds=$BENCH_SAT_SECONDS"
+    echo "conns=$BENCH_CONNS"
+    echo "rates=$BENCH_RATES"
+    echo "grpc_rate=$BENCH_GRPC_RATE"
+    echo "meshlet=$("$MESHLET_BIN" version 2>/dev/null | head -n1 | sed "s/^meshlet //") git $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo '+dirty')"
+    echo "haproxy=$("$HAPROXY_BIN" -v 2>&1 | head -n1 | awk '{print $3}')"
+    echo "nginx=$("$NGINX_BIN" -v 2>&1 | sed 's|.*nginx/||')"
+    if [ "$BENCH_HTTP" = 1 ]; then echo "oha=$(oha --version | awk '{print $2}')"; fi
+    if [ "$BENCH_GRPC" = 1 ]; then
+        echo "ghz=$(go version -m "$(command -v ghz)" | awk '$1 == "mod" { print $3 }')"
+        echo "grpc_go=$(cd "$HERE/grpc-backend" && go list -m -f '{{.Version}}' google.golang.org/grpc)"
+        echo "go=$(go env GOVERSION)"
+    fi
+} >"$RES/env.txt"
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+write_nginx_conf() {
+    mkdir -p "$WORK/nginx"
+    cat >"$WORK/nginx/nginx.conf" <<EOF
+# Two backends = one nginx with two server blocks on two ports.
+daemon off;
+worker_processes 1;
+user nobody nogroup;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+    default_type text/plain;
+    server { listen 127.0.0.1:$P_NGINX1; location / { return 200 "ok"; } }
+    server { listen 127.0.0.1:$P_NGINX2; location / { return 200 "ok"; } }
+}
+EOF
+}
+
+write_meshlet_conf() { # write_meshlet_conf FILE LISTEN ADMIN SERVICE EP1 EP2
+    cat >"$1" <<EOF
+admin: {listen: 127.0.0.1:$3}
+upstreams:
+  - listen: 127.0.0.1:$2
+    service: $4
+discovery:
+  static:
+    - service: $4
+      endpoints: ["127.0.0.1:$5", "127.0.0.1:$6"]
+workers: 1
+log: {level: warn}
+EOF
+}
+
+write_haproxy_conf() { # write_haproxy_conf FILE LISTEN EP1 EP2 h1|h2
+    local bind_proto="" srv_proto=""
+    if [ "$5" = h2 ]; then
+        bind_proto=" proto h2"
+        srv_proto=" proto h2"
+    fi
+    cat >"$1" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 300s
+    timeout http-request 10s
+frontend fe
+    bind 127.0.0.1:$2$bind_proto
+    default_backend be
+backend be
+    balance leastconn
+    http-reuse always
+    server s1 127.0.0.1:$3$srv_proto
+    server s2 127.0.0.1:$4$srv_proto
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+# measure PROTO TARGET PID KIND LABEL CMD... : run a load generator, record the CPU of PID
+# (meshlet / haproxy; "-" for none) around it. KIND is rate or sat; LABEL names the output.
+measure() {
+    local proto=$1 target=$2 pid=$3 kind=$4 label=$5
+    shift 5
+    local t0 t1 c0=0 c1=0
+    [ "$pid" != - ] && c0=$(cpu_ticks "$pid")
+    t0=$(now)
+    run_loadgen "$label" "$@"
+    t1=$(now)
+    [ "$pid" != - ] && c1=$(cpu_ticks "$pid")
+    cp "$WORK/$label.out" "$RES/$label.json"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$proto" "$target" "$label" "$kind" "$((c1 - c0))" \
+        "$(python3 -c "print(f'{$t1 - $t0:.3f}')")" >>"$RES/cpu.tsv"
+}
+
+oha_cmd() { # oha_cmd URL SECONDS RATE(0 = unthrottled)
+    local args=(oha --no-tui --output-format json -c "$BENCH_CONNS" -z "${2}s")
+    if [ "$3" != 0 ]; then
+        args+=(-q "$3" --latency-correction)
+    fi
+    args+=("$1")
+    printf '%s\n' "${args[@]}"
+}
+
+ghz_cmd() { # ghz_cmd ADDR SECONDS RATE(0 = unthrottled)
+    local args=(ghz --insecure --proto "$HERE/grpc-backend/health.proto"
+        --call grpc.health.v1.Health/Check -d '{}'
+        -c "$BENCH_CONNS" --connections "$BENCH_CONNS" -z "${2}s" --duration-stop=ignore -t 10s -O json)
+    if [ "$3" != 0 ]; then
+        args+=(--rps "$3")
+    fi
+    args+=("$1")
+    printf '%s\n' "${args[@]}"
+}
+
+# run_phase PROTO : start the proxies for PROTO, measure, stop them.
+run_phase() {
+    local proto=$1
+    local -A addr pid
+    local mconf="$WORK/meshlet-$proto.yaml" hconf="$WORK/haproxy-$proto.cfg"
+    local mesh_pid hap_pid mesh_admin
+    if [ "$proto" = http ]; then
+        write_meshlet_conf "$mconf" "$P_MESH_HTTP" "$P_MESH_HTTP_ADMIN" web.default "$P_NGINX1" "$P_NGINX2"
+        write_haproxy_conf "$hconf" "$P_HAP_HTTP" "$P_NGINX1" "$P_NGINX2" h1
+        addr=([direct]="http://127.0.0.1:$P_NGINX1/" [meshlet]="http://127.0.0.1:$P_MESH_HTTP/"
+            [haproxy]="http://127.0.0.1:$P_HAP_HTTP/")
+        mesh_admin=$P_MESH_HTTP_ADMIN
+    else
+        write_meshlet_conf "$mconf" "$P_MESH_GRPC" "$P_MESH_GRPC_ADMIN" grpc.default "$P_GRPC1" "$P_GRPC2"
+        write_haproxy_conf "$hconf" "$P_HAP_GRPC" "$P_GRPC1" "$P_GRPC2" h2
+        addr=([direct]="127.0.0.1:$P_GRPC1" [meshlet]="127.0.0.1:$P_MESH_GRPC"
+            [haproxy]="127.0.0.1:$P_HAP_GRPC")
+        mesh_admin=$P_MESH_GRPC_ADMIN
+    fi
+    "$HAPROXY_BIN" -c -q -f "$hconf" >"$WORK/haproxy-$proto-check.log" 2>&1 ||
+        die "haproxy rejects $hconf: $(cat "$WORK/haproxy-$proto-check.log")"
+
+    log "$proto: starting meshlet and haproxy on CPU $BENCH_SUT_CPU"
+    start_bg "meshlet-$proto" "$BENCH_SUT_CPU" "$MESHLET_BIN" proxy --config "$mconf"
+    mesh_pid=$LAST_PID
+    start_bg "haproxy-$proto" "$BENCH_SUT_CPU" "$HAPROXY_BIN" -db -f "$hconf"
+    hap_pid=$LAST_PID
+    for _ in $(seq 1 100); do
+        curl -fsS -o /dev/null "http://127.0.0.1:$mesh_admin/ready" 2>/dev/null && break
+        kill -0 "$mesh_pid" 2>/dev/null || die "meshlet exited: $(tail -n 5 "$WORK/meshlet-$proto.log")"
+        sleep 0.1
+    done
+    curl -fsS -o /dev/null "http://127.0.0.1:$mesh_admin/ready" ||
+        die "meshlet not ready: $(tail -n 5 "$WORK/meshlet-$proto.log")"
+    if [ "$proto" = http ]; then wait_port "$P_HAP_HTTP"; else wait_port "$P_HAP_GRPC"; fi
+    kill -0 "$hap_pid" 2>/dev/null || die "haproxy exited: $(tail -n 5 "$WORK/haproxy-$proto.log")"
+    pid=([direct]=- [meshlet]=$mesh_pid [haproxy]=$hap_pid)
+    sleep 0.5
+    # Idle RSS: after startup, before any request through the proxy.
+    printf '%s\t%s\tidle_rss_kb\t%s\n' "$proto" meshlet "$(status_kb "$mesh_pid" VmRSS)" >>"$RES/mem.tsv"
+    printf '%s\t%s\tidle_rss_kb\t%s\n' "$proto" haproxy "$(status_kb "$hap_pid" VmRSS)" >>"$RES/mem.tsv"
+
+    local rates
+    if [ "$proto" = http ]; then rates=$BENCH_RATES; else rates=$BENCH_GRPC_RATE; fi
+    local -a cmd
+    local t rate r
+    # Sanity check and warm-up (discarded): every target must answer.
+    for t in direct meshlet haproxy; do
+        if [ "$proto" = http ]; then
+            curl -fsS -o /dev/null "${addr[$t]}" || die "$proto $t (${addr[$t]}) does not answer 200"
+            mapfile -t cmd < <(oha_cmd "${addr[$t]}" "$BENCH_WARMUP_SECONDS" "${rates%% *}")
+        else
+            mapfile -t cmd < <(ghz_cmd "${addr[$t]}" "$BENCH_WARMUP_SECONDS" "${rates%% *}")
+        fi
+        run_loadgen "warmup-$proto-$t" "${cmd[@]}"
+    done
+    python3 "$HERE/report.py" --check-warmup "$WORK" "$proto" || die "$proto warm-up failed (see above)"
+
+    for r in $(seq 1 "$BENCH_ROUNDS"); do
+        for rate in $rates; do
+            for t in direct meshlet haproxy; do
+                log "$proto round $r/$BENCH_ROUNDS rate $rate: $t"
+                if [ "$proto" = http ]; then
+                    mapfile -t cmd < <(oha_cmd "${addr[$t]}" "$BENCH_SECONDS" "$rate")
+                else
+                    mapfile -t cmd < <(ghz_cmd "${addr[$t]}" "$BENCH_SECONDS" "$rate")
+                fi
+                measure "$proto" "$t" "${pid[$t]}" rate "$proto-r$r-q$rate-$t" "${cmd[@]}"
+                sleep 0.3
+            done
+        done
+    done
+    for t in direct meshlet haproxy; do
+        log "$proto saturation (unthrottled, ${BENCH_SAT_SECONDS}s): $t"
+        if [ "$proto" = http ]; then
+            mapfile -t cmd < <(oha_cmd "${addr[$t]}" "$BENCH_SAT_SECONDS" 0)
+        else
+            mapfile -t cmd < <(ghz_cmd "${addr[$t]}" "$BENCH_SAT_SECONDS" 0)
+        fi
+        measure "$proto" "$t" "${pid[$t]}" sat "$proto-sat-$t" "${cmd[@]}"
+        sleep 0.3
+    done
+    printf '%s\t%s\tpeak_rss_kb\t%s\n' "$proto" meshlet "$(status_kb "$mesh_pid" VmHWM)" >>"$RES/mem.tsv"
+    printf '%s\t%s\tpeak_rss_kb\t%s\n' "$proto" haproxy "$(status_kb "$hap_pid" VmHWM)" >>"$RES/mem.tsv"
+    kill -0 "$mesh_pid" 2>/dev/null || die "meshlet died during the $proto phase"
+    kill -0 "$hap_pid" 2>/dev/null || die "haproxy died during the $proto phase"
+    stop_pid "$mesh_pid"
+    stop_pid "$hap_pid"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Run
+: >"$RES/cpu.tsv"
+: >"$RES/mem.tsv"
+START=$(date +%s)
+
+if [ "$BENCH_HTTP" = 1 ]; then
+    write_nginx_conf
+    log "http: starting nginx (2 server blocks: $P_NGINX1, $P_NGINX2) on CPU $BENCH_SUT_CPU"
+    start_bg nginx "$BENCH_SUT_CPU" "$NGINX_BIN" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" -e "$WORK/nginx/error.log"
+    NGINX_PID=$LAST_PID
+    wait_port "$P_NGINX1"
+    wait_port "$P_NGINX2"
+    run_phase http
+    stop_pid "$NGINX_PID"
+fi
+
+if [ "$BENCH_GRPC" = 1 ]; then
+    log "grpc: starting the gRPC backend ($P_GRPC1, $P_GRPC2) on CPU $BENCH_SUT_CPU"
+    start_bg grpc-backend "$BENCH_SUT_CPU" "$GRPC_BACKEND_BIN" -listen "127.0.0.1:$P_GRPC1,127.0.0.1:$P_GRPC2"
+    GRPC_PID=$LAST_PID
+    wait_port "$P_GRPC1"
+    wait_port "$P_GRPC2"
+    run_phase grpc
+    stop_pid "$GRPC_PID"
+fi
+
+echo "loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/env.txt"
+echo "runtime_s=$(($(date +%s) - START))" >>"$RES/env.txt"
+log "done in $(($(date +%s) - START)) s; report:"
+echo
+python3 "$HERE/report.py" "$WORK" | tee "$WORK/report.md"
+echo
+log "raw results: $RES ; report: $WORK/report.md"

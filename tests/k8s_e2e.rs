@@ -1,0 +1,677 @@
+//! End-to-end tests against a real Kubernetes control plane (needs root and Go; CI has both).
+//!
+//! One control plane per run of this test binary (a custom harness: libtest-mimic), shared by
+//! every test; each test works in a namespace of its own. Pods run under the harness's
+//! stand-in kubelet (tests/e2e/harness.rs) in network namespaces on 198.18.0.0/16.
+
+#[path = "e2e/harness.rs"]
+mod harness;
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use harness::{Cluster, wait_for};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::json;
+use support::{H1Client, Meshlet, metric};
+
+type TestResult = Result<(), String>;
+
+struct Ctx {
+    cluster: Cluster,
+    rt: tokio::runtime::Handle,
+}
+
+static NS_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl Ctx {
+    async fn namespace(&self, prefix: &str) -> Result<String, String> {
+        let name = format!("{prefix}-{}", NS_COUNTER.fetch_add(1, Ordering::SeqCst));
+        let api: Api<Namespace> = Api::all(self.cluster.client.clone());
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        api.create(&PostParams::default(), &ns)
+            .await
+            .map_err(|e| format!("create namespace {name}: {e}"))?;
+        Ok(name)
+    }
+
+    async fn apply_service(&self, ns: &str, svc: serde_json::Value) -> Result<Service, String> {
+        let api: Api<Service> = Api::namespaced(self.cluster.client.clone(), ns);
+        let svc: Service = serde_json::from_value(svc).map_err(|e| e.to_string())?;
+        api.create(&PostParams::default(), &svc)
+            .await
+            .map_err(|e| format!("create service: {e}"))
+    }
+
+    async fn create_pod(&self, ns: &str, pod: serde_json::Value) -> Result<(), String> {
+        let api: Api<Pod> = Api::namespaced(self.cluster.client.clone(), ns);
+        let pod: Pod = serde_json::from_value(pod).map_err(|e| e.to_string())?;
+        api.create(&PostParams::default(), &pod)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("create pod: {e}"))
+    }
+
+    async fn delete_pod(&self, ns: &str, name: &str) -> Result<(), String> {
+        let api: Api<Pod> = Api::namespaced(self.cluster.client.clone(), ns);
+        api.delete(name, &DeleteParams::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("delete pod {name}: {e}"))
+    }
+
+    /// Ready endpoint addresses of a service, as the EndpointSlice controller publishes them.
+    async fn ready_endpoints(&self, ns: &str, svc: &str) -> Vec<String> {
+        let api: Api<EndpointSlice> = Api::namespaced(self.cluster.client.clone(), ns);
+        let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={svc}"));
+        let Ok(list) = api.list(&lp).await else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for s in list {
+            for e in s.endpoints {
+                if e.conditions.and_then(|c| c.ready).unwrap_or(true) {
+                    out.extend(e.addresses);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    async fn wait_endpoints(&self, ns: &str, svc: &str, n: usize) -> Result<Vec<String>, String> {
+        wait_for(
+            &format!("{n} ready endpoints of {svc}.{ns}"),
+            Duration::from_secs(60),
+            || async {
+                let eps = self.ready_endpoints(ns, svc).await;
+                (eps.len() == n).then_some(eps)
+            },
+        )
+        .await
+    }
+
+    /// meshlet in this process with Kubernetes discovery and an upstream listener per service.
+    async fn meshlet(&self, upstreams: &[String]) -> Meshlet {
+        let mut yaml = format!(
+            "admin:\n  listen: 127.0.0.1:0\ndiscovery:\n  kubernetes:\n    kubeconfig: {}\nshutdown_grace: 2s\nupstreams:\n",
+            self.cluster.kubeconfig.display()
+        );
+        for u in upstreams {
+            yaml.push_str(&format!("  - listen: 127.0.0.1:0\n    service: {u}\n"));
+        }
+        Meshlet::start(&yaml).await
+    }
+}
+
+/// A pod running the e2e app on the given ports, with a readiness probe on the first.
+fn app_pod(name: &str, app: &str, ports: &[(u16, &str)]) -> serde_json::Value {
+    let listen: Vec<String> = ports.iter().map(|(p, _)| format!(":{p}")).collect();
+    let cports: Vec<_> = ports
+        .iter()
+        .map(|(p, n)| json!({"containerPort": p, "name": n}))
+        .collect();
+    json!({
+        "metadata": {"name": name, "labels": {"app": app}},
+        "spec": {
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "app", "image": "e2e-app",
+                "env": [
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "LISTEN", "value": listen.join(",")},
+                ],
+                "ports": cports,
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": ports[0].0}, "periodSeconds": 1},
+            }],
+        },
+    })
+}
+
+fn service(
+    name: &str,
+    app: &str,
+    ports: &[(u16, &str, serde_json::Value)],
+    headless: bool,
+) -> serde_json::Value {
+    let ports: Vec<_> = ports
+        .iter()
+        .map(|(p, n, t)| json!({"port": p, "name": n, "targetPort": t, "protocol": "TCP"}))
+        .collect();
+    let mut spec = json!({"selector": {"app": app}, "ports": ports});
+    if headless {
+        spec["clusterIP"] = json!("None");
+    }
+    json!({"metadata": {"name": name}, "spec": spec})
+}
+
+/// Sends `n` requests over one keep-alive connection; returns the count per pod.
+async fn spread(addr: std::net::SocketAddr, n: usize) -> Result<BTreeMap<String, usize>, String> {
+    let mut c = H1Client::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let a = c.get("/").await.map_err(|e| e.to_string())?;
+        if a.status != 200 {
+            return Err(format!(
+                "status {} ({:?})",
+                a.status,
+                a.header("meshlet-error")
+            ));
+        }
+        *seen.entry(a.body_text()).or_insert(0) += 1;
+    }
+    Ok(seen)
+}
+
+/// `clients` keep-alive connections sending `per_client` requests each, concurrently (p2c
+/// weighs in-flight requests; strictly sequential requests all go to the fastest endpoint).
+async fn spread_concurrent(
+    addr: std::net::SocketAddr,
+    clients: usize,
+    per_client: usize,
+) -> Result<BTreeMap<String, usize>, String> {
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        tasks.push(tokio::spawn(spread(addr, per_client)));
+    }
+    let mut seen = BTreeMap::new();
+    for t in tasks {
+        for (k, v) in t.await.map_err(|e| e.to_string())?? {
+            *seen.entry(k).or_insert(0) += v;
+        }
+    }
+    Ok(seen)
+}
+
+async fn three_pods_all_get_traffic(ctx: &Ctx) -> TestResult {
+    let ns = ctx.namespace("three").await?;
+    ctx.apply_service(
+        &ns,
+        service("web", "web", &[(80, "http", json!("http"))], false),
+    )
+    .await?;
+    for i in 0..3 {
+        ctx.create_pod(&ns, app_pod(&format!("web-{i}"), "web", &[(8080, "http")]))
+            .await?;
+    }
+    ctx.wait_endpoints(&ns, "web", 3).await?;
+    let m = ctx.meshlet(&[format!("web.{ns}:80")]).await;
+    let seen = spread_concurrent(m.upstream(0), 6, 30).await?;
+    println!("    requests per pod: {seen:?}");
+    if seen.len() != 3 || seen.values().any(|n| *n < 10) {
+        return Err(format!("not every pod got a share: {seen:?}"));
+    }
+    let text = m.metrics().await;
+    let eps = metric(
+        &text,
+        &format!("meshlet_endpoints{{service=\"web.{ns}:80\"}}"),
+    );
+    if eps != Some(3.0) {
+        return Err(format!("meshlet_endpoints is {eps:?}"));
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn scale_up_reaches_new_pod_within_1s(ctx: &Ctx) -> TestResult {
+    let ns = ctx.namespace("scaleup").await?;
+    ctx.apply_service(
+        &ns,
+        service("web", "web", &[(80, "http", json!(8080))], false),
+    )
+    .await?;
+    ctx.create_pod(&ns, app_pod("web-0", "web", &[(8080, "http")]))
+        .await?;
+    ctx.wait_endpoints(&ns, "web", 1).await?;
+    let m = ctx.meshlet(&[format!("web.{ns}:80")]).await;
+    let mut lat = Vec::new();
+    for trial in 1..=5 {
+        let name = format!("web-{trial}");
+        ctx.create_pod(&ns, app_pod(&name, "web", &[(8080, "http")]))
+            .await?;
+        let key = format!("{ns}/{name}");
+        let ready_at = wait_for(
+            "the new pod marked Ready",
+            Duration::from_secs(30),
+            || async {
+                ctx.cluster
+                    .kubelet
+                    .ready_at
+                    .lock()
+                    .unwrap()
+                    .get(&key)
+                    .copied()
+            },
+        )
+        .await?;
+        // A client sends as soon as it connects (a connection silent for longer than
+        // detect.timeout is proxied as opaque TCP, balanced per connection).
+        let mut c = H1Client::connect(m.upstream(0))
+            .await
+            .map_err(|e| e.to_string())?;
+        let first = loop {
+            let a = c.get("/").await.map_err(|e| e.to_string())?;
+            if a.body_text().starts_with(&format!("{name}:")) {
+                break Instant::now();
+            }
+            if ready_at.elapsed() > Duration::from_secs(10) {
+                let text = m.metrics().await;
+                let eps: Vec<&str> = text
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("meshlet_endpoints")
+                            || l.starts_with("meshlet_connect_errors")
+                            || l.starts_with("meshlet_requests_total")
+                    })
+                    .collect();
+                return Err(format!(
+                    "{name} got no request 10 s after Ready; endpoints in the API: {:?}; meshlet: {eps:?}",
+                    ctx.ready_endpoints(&ns, "web").await
+                ));
+            }
+        };
+        lat.push(first.saturating_duration_since(ready_at));
+    }
+    lat.sort();
+    let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    println!(
+        "    Ready -> first request: p50 {p50:?}, p99 {p99:?} over {} trials: {lat:?}",
+        lat.len()
+    );
+    if p99 > Duration::from_secs(1) {
+        return Err(format!("a new pod took {p99:?} to receive traffic"));
+    }
+    Ok(())
+}
+
+async fn rolling_replacement_loses_no_request(ctx: &Ctx) -> TestResult {
+    let ns = ctx.namespace("rolling").await?;
+    ctx.apply_service(
+        &ns,
+        service("web", "web", &[(80, "http", json!("http"))], false),
+    )
+    .await?;
+    for i in 0..3 {
+        ctx.create_pod(&ns, app_pod(&format!("old-{i}"), "web", &[(8080, "http")]))
+            .await?;
+    }
+    ctx.wait_endpoints(&ns, "web", 3).await?;
+    let m = ctx.meshlet(&[format!("web.{ns}:80")]).await;
+    let addr = m.upstream(0);
+
+    // Steady load: 4 clients in a loop until told to stop; every answer is recorded.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log: Arc<std::sync::Mutex<Vec<(Instant, u16, String)>>> = Arc::default();
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, log) = (stop.clone(), log.clone());
+        load.push(tokio::spawn(async move {
+            let mut c = H1Client::connect(addr).await.unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                let a = match c.get("/").await {
+                    Ok(a) => (a.status, a.body_text()),
+                    Err(e) => (0, e.to_string()),
+                };
+                log.lock().unwrap().push((Instant::now(), a.0, a.1));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    let mut deleted_at: HashMap<String, Instant> = HashMap::new();
+    for i in 0..3 {
+        ctx.create_pod(&ns, app_pod(&format!("new-{i}"), "web", &[(8080, "http")]))
+            .await?;
+        ctx.wait_endpoints(&ns, "web", 4).await?;
+        let old = format!("old-{i}");
+        deleted_at.insert(old.clone(), Instant::now());
+        ctx.delete_pod(&ns, &old).await?;
+        ctx.wait_endpoints(&ns, "web", 3).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for l in load {
+        let _ = l.await;
+    }
+    let log = log.lock().unwrap();
+    let failed: Vec<_> = log.iter().filter(|(_, s, _)| *s != 200).collect();
+    println!(
+        "    {} requests during the rollout, {} failed",
+        log.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        return Err(format!(
+            "failed requests: {:?}",
+            &failed[..failed.len().min(5)]
+        ));
+    }
+    // A deleted pod stops receiving new requests within 1 s of its deletion.
+    for (pod, at) in &deleted_at {
+        let late = log
+            .iter()
+            .filter(|(t, _, body)| {
+                body.starts_with(&format!("{pod}:")) && *t > *at + Duration::from_secs(1)
+            })
+            .count();
+        if late > 0 {
+            return Err(format!(
+                "{pod} still served {late} requests more than 1 s after deletion"
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn named_ports_two_ports_and_headless(ctx: &Ctx) -> TestResult {
+    let ns = ctx.namespace("ports").await?;
+    // Two service ports, both with named target ports resolved per pod.
+    ctx.apply_service(
+        &ns,
+        service(
+            "web",
+            "web",
+            &[(80, "http", json!("http")), (9090, "admin", json!("admin"))],
+            false,
+        ),
+    )
+    .await?;
+    ctx.apply_service(
+        &ns,
+        service("direct", "web", &[(80, "http", json!(8080))], true),
+    )
+    .await?;
+    for i in 0..2 {
+        ctx.create_pod(
+            &ns,
+            app_pod(
+                &format!("web-{i}"),
+                "web",
+                &[(8080, "http"), (9091, "admin")],
+            ),
+        )
+        .await?;
+    }
+    ctx.wait_endpoints(&ns, "web", 2).await?;
+    let m = ctx
+        .meshlet(&[
+            format!("web.{ns}:80"),
+            format!("web.{ns}:9090"),
+            format!("direct.{ns}"),
+        ])
+        .await;
+    for (i, port) in [(0, "8080"), (1, "9091"), (2, "8080")] {
+        let seen = spread_concurrent(m.upstream(i), 4, 10).await?;
+        if seen.keys().any(|k| !k.ends_with(&format!(":{port}"))) || seen.len() != 2 {
+            return Err(format!(
+                "upstream {i}: want both pods on port {port}, got {seen:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn api_server_down_keeps_traffic_flowing(ctx: &Ctx) -> TestResult {
+    let ns = ctx.namespace("apidown").await?;
+    ctx.apply_service(
+        &ns,
+        service("web", "web", &[(80, "http", json!(8080))], false),
+    )
+    .await?;
+    for i in 0..2 {
+        ctx.create_pod(&ns, app_pod(&format!("web-{i}"), "web", &[(8080, "http")]))
+            .await?;
+    }
+    ctx.wait_endpoints(&ns, "web", 2).await?;
+    let m = ctx.meshlet(&[format!("web.{ns}:80")]).await;
+    spread(m.upstream(0), 10).await?;
+
+    ctx.cluster.stop_apiserver()?;
+    let result = async {
+        // Traffic keeps flowing to the known endpoints while the API server is away.
+        let t0 = Instant::now();
+        let mut total = 0;
+        while t0.elapsed() < Duration::from_secs(8) {
+            let seen = spread_concurrent(m.upstream(0), 4, 10).await?;
+            total += seen.values().sum::<usize>();
+            let eps = metric(
+                &m.metrics().await,
+                &format!("meshlet_endpoints{{service=\"web.{ns}:80\"}}"),
+            );
+            if eps != Some(2.0) {
+                return Err(format!(
+                    "with the API server down meshlet has {eps:?} endpoints; served {seen:?}"
+                ));
+            }
+        }
+        println!("    {total} requests served while the API server was down");
+        // The staleness shows in /ready's detail and the metric (watches notice the failure
+        // when they reconnect).
+        wait_for("staleness in /ready", Duration::from_secs(60), || async {
+            let (_, body) = support::admin_get(m.addrs.admin, "/ready").await.ok()?;
+            body.contains("discovery stale").then_some(())
+        })
+        .await?;
+        let text = m.metrics().await;
+        if !text
+            .lines()
+            .any(|l| l.starts_with("meshlet_discovery_stale{") && l.ends_with(" 1"))
+        {
+            return Err(format!("no stale watch in the metrics:\n{text}"));
+        }
+        Ok::<_, String>(())
+    }
+    .await;
+    ctx.cluster.start_apiserver()?;
+    result?;
+    // Changes flow again: a third pod joins.
+    ctx.create_pod(&ns, app_pod("web-2", "web", &[(8080, "http")]))
+        .await?;
+    ctx.wait_endpoints(&ns, "web", 3).await?;
+    wait_for(
+        "the third pod to get traffic",
+        Duration::from_secs(60),
+        || async {
+            let seen = spread(m.upstream(0), 30).await.ok()?;
+            (seen.len() == 3).then_some(())
+        },
+    )
+    .await?;
+    wait_for(
+        "the watches to recover",
+        Duration::from_secs(30),
+        || async {
+            let (_, body) = support::admin_get(m.addrs.admin, "/ready").await.ok()?;
+            (!body.contains("discovery stale")).then_some(())
+        },
+    )
+    .await
+}
+
+async fn transparent_mode_in_a_pod(ctx: &Ctx) -> TestResult {
+    let ns = ctx.namespace("transparent").await?;
+    let svc = ctx
+        .apply_service(
+            &ns,
+            service("web", "web", &[(80, "http", json!(8080))], false),
+        )
+        .await?;
+    let vip = svc.spec.and_then(|s| s.cluster_ip).ok_or("no ClusterIP")?;
+    for i in 0..3 {
+        ctx.create_pod(&ns, app_pod(&format!("web-{i}"), "web", &[(8080, "http")]))
+            .await?;
+    }
+    ctx.wait_endpoints(&ns, "web", 3).await?;
+
+    // A client pod: iptables rules from an init container (what `meshlet init` will write),
+    // the meshlet sidecar as UID 7102 (exempt from the redirect), and the app, whose calls to
+    // the Service's ClusterIP only work because meshlet intercepts them (no kube-proxy here).
+    let kubeconfig = ctx.cluster.pod_kubeconfig();
+    std::fs::set_permissions(
+        &kubeconfig,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .ok();
+    let config = ctx.cluster.dir.join(format!("{ns}-meshlet.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "admin:\n  listen: 0.0.0.0:7190\noutbound:\n  listen: 127.0.0.1:7140\ndiscovery:\n  kubernetes:\n    kubeconfig: {}\n",
+            kubeconfig.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).ok();
+    let rules = "iptables -t nat -N MESHLET_OUTPUT && \
+                 iptables -t nat -A MESHLET_OUTPUT -m owner --uid-owner 7102 -j RETURN && \
+                 iptables -t nat -A MESHLET_OUTPUT -d 127.0.0.0/8 -j RETURN && \
+                 iptables -t nat -A MESHLET_OUTPUT -p tcp -j REDIRECT --to-ports 7140 && \
+                 iptables -t nat -A OUTPUT -p tcp -j MESHLET_OUTPUT";
+    ctx.create_pod(
+        &ns,
+        json!({
+            "metadata": {"name": "client", "labels": {"app": "client"}},
+            "spec": {
+                "terminationGracePeriodSeconds": 2,
+                "initContainers": [{"name": "init", "image": "sh", "command": ["sh", "-c", rules]}],
+                "containers": [
+                    {"name": "meshlet", "image": "meshlet", "args": ["proxy", "--config", config.display().to_string()],
+                     "securityContext": {"runAsUser": 7102, "runAsGroup": 7102},
+                     "readinessProbe": {"httpGet": {"path": "/ready", "port": 7190}, "periodSeconds": 1}},
+                    {"name": "app", "image": "e2e-app",
+                     "env": [{"name": "POD_NAME", "value": "client"}, {"name": "LISTEN", "value": ":8080"},
+                             {"name": "CALL", "value": format!("http://{vip}:80/")}]},
+                ],
+            },
+        }),
+    )
+    .await?;
+    let ip = wait_for("the client pod's IP", Duration::from_secs(30), || async {
+        ctx.cluster.kubelet.pod_ip(&ns, "client")
+    })
+    .await?;
+    wait_for("the client pod Ready", Duration::from_secs(60), || async {
+        ctx.cluster
+            .kubelet
+            .ready_at
+            .lock()
+            .unwrap()
+            .get(&format!("{ns}/client"))
+            .copied()
+    })
+    .await?;
+    // Ask the app (from outside the pod) to call the ClusterIP; its sidecar balances the calls.
+    let mut c = H1Client::connect((ip, 8080).into())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..60 {
+        let a = c.get("/call").await.map_err(|e| e.to_string())?;
+        if a.status != 200 {
+            return Err(format!(
+                "call through the sidecar: {} {}",
+                a.status,
+                a.body_text()
+            ));
+        }
+        *seen.entry(a.body_text()).or_insert(0) += 1;
+    }
+    println!("    calls to {vip}:80 per pod: {seen:?}");
+    if seen.len() != 3 {
+        return Err(format!(
+            "the ClusterIP calls did not reach all 3 pods: {seen:?}"
+        ));
+    }
+    Ok(())
+}
+
+fn main() {
+    let mut args = Arguments::from_args();
+    if args.test_threads.is_none() {
+        // The tests share one control plane and two cores: one at a time keeps timings honest.
+        args.test_threads = Some(1);
+    }
+    let skip = if unsafe { libc::geteuid() } != 0 {
+        Some("needs root (network namespaces, iptables)")
+    } else if std::process::Command::new("go")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        Some("needs Go to build the Kubernetes binaries")
+    } else {
+        None
+    };
+    if let Some(why) = skip {
+        println!("k8s_e2e: skipped: {why}");
+        libtest_mimic::run(&args, Vec::new()).exit();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // The e2e app is built by `cargo test --all-targets`; build it when running this file alone.
+    let app = harness::binaries()["e2e-app"].clone();
+    if !app.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--example", "e2e-app"])
+            .status()
+            .expect("cargo");
+        assert!(status.success(), "cargo build --example e2e-app failed");
+    }
+    let cluster = match rt.block_on(Cluster::start(harness::binaries())) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("k8s_e2e: cannot start the control plane: {e}");
+            std::process::exit(1);
+        }
+    };
+    let ctx = Arc::new(Ctx {
+        cluster,
+        rt: rt.handle().clone(),
+    });
+    macro_rules! trial {
+        ($name:ident) => {{
+            let ctx = ctx.clone();
+            Trial::test(stringify!($name), move || {
+                let started = Instant::now();
+                let r = ctx.rt.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(240), $name(&ctx)).await
+                });
+                println!("    {} took {:?}", stringify!($name), started.elapsed());
+                match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(Failed::from(e)),
+                    Err(_) => Err(Failed::from("timed out after 240 s")),
+                }
+            })
+        }};
+    }
+    let trials = vec![
+        trial!(three_pods_all_get_traffic),
+        trial!(scale_up_reaches_new_pod_within_1s),
+        trial!(rolling_replacement_loses_no_request),
+        trial!(named_ports_two_ports_and_headless),
+        trial!(transparent_mode_in_a_pod),
+        trial!(api_server_down_keeps_traffic_flowing),
+    ];
+    let conclusion = libtest_mimic::run(&args, trials);
+    match Arc::try_unwrap(ctx) {
+        Ok(ctx) => ctx.cluster.stop(),
+        Err(_) => {
+            eprintln!("k8s_e2e: the control plane is still shared; stopping it anyway is skipped")
+        }
+    }
+    drop(rt);
+    conclusion.exit();
+}
