@@ -18,6 +18,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use libtest_mimic::{Arguments, Failed, Trial};
+use serde::Deserialize;
 use serde_json::json;
 use support::{H1Client, Meshlet, metric};
 
@@ -594,6 +595,146 @@ async fn transparent_mode_in_a_pod(ctx: &Ctx) -> TestResult {
     Ok(())
 }
 
+/// The RBAC manifest is what meshlet needs, and enough: with a service account token bound only
+/// by manifests/meshlet-proxy-rbac.yaml, discovery works; without it, meshlet stays unready; and
+/// the token can do nothing else (listing pods is forbidden).
+async fn least_privilege_rbac_is_enough(ctx: &Ctx) -> TestResult {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+
+    let ns = ctx.namespace("rbac").await?;
+    ctx.apply_service(
+        &ns,
+        service("web", "web", &[(80, "http", json!(8080))], false),
+    )
+    .await?;
+    ctx.create_pod(&ns, app_pod("web-0", "web", &[(8080, "http")]))
+        .await?;
+    ctx.wait_endpoints(&ns, "web", 1).await?;
+
+    let client = ctx.cluster.client.clone();
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "app"}})).unwrap();
+    sas.create(&PostParams::default(), &sa)
+        .await
+        .map_err(|e| format!("create sa: {e}"))?;
+    let tr: TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
+            .unwrap();
+    let token = sas
+        .create_token_request("app", &PostParams::default(), &tr)
+        .await
+        .map_err(|e| format!("token request: {e}"))?
+        .status
+        .ok_or("no token")?
+        .token;
+    let admin = std::fs::read_to_string(&ctx.cluster.kubeconfig).map_err(|e| e.to_string())?;
+    let line = |key: &str| {
+        admin
+            .lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .map(|l| l.trim().to_string())
+            .unwrap_or_default()
+    };
+    let kubeconfig = ctx.cluster.dir.join(format!("{ns}-sa.kubeconfig"));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    {}\n    {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
+            line("server:"),
+            line("certificate-authority-data:")
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+
+    // The token alone can do nothing: list pods is forbidden.
+    let sa_client = meshlet::discovery::kubernetes::KubeResolver::client(Some(&kubeconfig)).await?;
+    let pods: Api<Pod> = Api::namespaced(sa_client.clone(), &ns);
+    match pods.list(&ListParams::default()).await {
+        Err(kube::Error::Api(e)) if e.code == 403 => {}
+        other => return Err(format!("listing pods with the proxy's token: {other:?}")),
+    }
+
+    // Without the binding, meshlet cannot list Services and is not ready.
+    let yaml = format!(
+        "admin:\n  listen: 127.0.0.1:0\ndiscovery:\n  kubernetes:\n    kubeconfig: {}\nupstreams:\n  - listen: 127.0.0.1:0\n    service: web.{ns}:80\n",
+        kubeconfig.display()
+    );
+    let app = meshlet::app::App::bind(
+        meshlet::config::Config::parse("rbac.yaml", &yaml).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let addrs = app.addresses().clone();
+    let stop = app.shutdown_token();
+    let run = tokio::spawn(app.run());
+    let guard = scopeguard(stop);
+    wait_for(
+        "meshlet to report what it waits for",
+        Duration::from_secs(10),
+        || async {
+            let (status, body) = support::admin_get(addrs.admin, "/ready").await.ok()?;
+            (status == 503 && body.contains("first list of Services")).then_some(())
+        },
+    )
+    .await?;
+
+    // Apply the manifest (as `kubectl apply -f manifests/meshlet-proxy-rbac.yaml` would).
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/manifests/meshlet-proxy-rbac.yaml"
+    ))
+    .map_err(|e| e.to_string())?;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_json::Value::deserialize(doc).map_err(|e| e.to_string())?;
+        match v["kind"].as_str() {
+            Some("ClusterRole") => {
+                let o: ClusterRole = serde_json::from_value(v).map_err(|e| e.to_string())?;
+                Api::<ClusterRole>::all(client.clone())
+                    .create(&PostParams::default(), &o)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Some("ClusterRoleBinding") => {
+                let o: ClusterRoleBinding = serde_json::from_value(v).map_err(|e| e.to_string())?;
+                Api::<ClusterRoleBinding>::all(client.clone())
+                    .create(&PostParams::default(), &o)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            other => return Err(format!("unexpected kind in the manifest: {other:?}")),
+        }
+    }
+    // The watches retry with backoff and get through.
+    wait_for(
+        "meshlet ready with the least-privilege token",
+        Duration::from_secs(90),
+        || async {
+            let (status, _) = support::admin_get(addrs.admin, "/ready").await.ok()?;
+            (status == 200).then_some(())
+        },
+    )
+    .await?;
+    let seen = spread(addrs.upstreams[0], 10).await?;
+    if seen.keys().next().map(String::as_str) != Some("web-0:8080") {
+        return Err(format!("through the least-privilege meshlet: {seen:?}"));
+    }
+    drop(guard);
+    let _ = run.await;
+    Ok(())
+}
+
+/// Cancels the token when dropped (so a failing test still stops its meshlet).
+fn scopeguard(t: tokio_util::sync::CancellationToken) -> impl Drop {
+    struct G(tokio_util::sync::CancellationToken);
+    impl Drop for G {
+        fn drop(&mut self) {
+            self.0.cancel();
+        }
+    }
+    G(t)
+}
+
 fn main() {
     let mut args = Arguments::from_args();
     if args.test_threads.is_none() {
@@ -663,6 +804,7 @@ fn main() {
         trial!(rolling_replacement_loses_no_request),
         trial!(named_ports_two_ports_and_headless),
         trial!(transparent_mode_in_a_pod),
+        trial!(least_privilege_rbac_is_enough),
         trial!(api_server_down_keeps_traffic_flowing),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
