@@ -183,6 +183,28 @@ impl Index {
         }
         Index { by_vip, services }
     }
+
+    /// Adds or replaces one service, touching only its own addresses.
+    fn upsert(&mut self, name: ServiceName, info: ServiceInfo) {
+        self.remove(&name);
+        for ip in &info.cluster_ips {
+            for (port, _) in &info.ports {
+                self.by_vip
+                    .insert(SocketAddr::new(*ip, *port), (name.clone(), *port));
+            }
+        }
+        self.services.insert(name, info);
+    }
+
+    fn remove(&mut self, name: &ServiceName) {
+        if let Some(old) = self.services.remove(name) {
+            for ip in &old.cluster_ips {
+                for (port, _) in &old.ports {
+                    self.by_vip.remove(&SocketAddr::new(*ip, *port));
+                }
+            }
+        }
+    }
 }
 
 pub struct KubeResolver {
@@ -299,18 +321,14 @@ impl KubeResolver {
                 Ok(watcher::Event::Apply(s)) => {
                     if let Some((n, i)) = ServiceInfo::from_service(&s) {
                         let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
-                        let mut services = std::mem::take(&mut idx.services);
-                        services.insert(n, i);
-                        *idx = Index::rebuild(services);
+                        idx.upsert(n, i);
                     }
                     self.mark("services", None);
                 }
                 Ok(watcher::Event::Delete(s)) => {
                     if let Some((n, _)) = ServiceInfo::from_service(&s) {
                         let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
-                        let mut services = std::mem::take(&mut idx.services);
-                        services.remove(&n);
-                        *idx = Index::rebuild(services);
+                        idx.remove(&n);
                     }
                     self.mark("services", None);
                 }
@@ -526,8 +544,15 @@ mod tests {
         let (_, headless) = ServiceInfo::from_service(&service("None", &[(80, "")])).unwrap();
         assert!(headless.headless && headless.cluster_ips.is_empty());
         assert_eq!(headless.port_name(None), Some(""));
-        let idx = Index::rebuild([(n, info)].into_iter().collect());
+        let mut idx = Index::rebuild([(n.clone(), info)].into_iter().collect());
         assert_eq!(idx.by_vip.len(), 2);
+        // A port removed by an update leaves no stale address behind.
+        let (_, fewer) =
+            ServiceInfo::from_service(&service("198.19.0.10", &[(80, "http")])).unwrap();
+        idx.upsert(n.clone(), fewer);
+        assert_eq!(idx.by_vip.len(), 1);
+        idx.remove(&n);
+        assert!(idx.by_vip.is_empty() && idx.services.is_empty());
     }
 
     #[test]
