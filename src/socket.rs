@@ -50,12 +50,19 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     } else {
         sock.original_dst_v6()?
     };
-    addr.as_socket().ok_or_else(|| {
+    let mut addr = addr.as_socket().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             "original destination is not an inet address",
         )
-    })
+    })?;
+    // IP6T_SO_ORIGINAL_DST also reports our socket's flow label as `sin6_flowinfo` (the
+    // client's, with net.ipv6.flowlabel_reflect), and a SocketAddrV6 compares and hashes its
+    // flowinfo: left in, a service's virtual address would not match its own connections.
+    if let SocketAddr::V6(a) = &mut addr {
+        a.set_flowinfo(0);
+    }
+    Ok(addr)
 }
 
 /// Connects with TCP_NODELAY set (proxied requests are latency-bound, not throughput-bound).
