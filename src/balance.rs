@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use prometheus::IntGauge;
 
+use crate::breaker::{self, Admission, Breaker, Transition};
 use crate::discovery::{Change, Update, UpdateStream};
 use crate::proxy::client::Pool;
 use crate::readiness::{Guard, lock};
@@ -31,7 +32,6 @@ use crate::readiness::{Guard, lock};
 pub struct BalanceSettings {
     pub default_rtt: Duration,
     pub decay: Duration,
-    pub connect_timeout: Duration,
     /// How long a request waits for a service's first endpoint set (on-demand discovery).
     pub sync_timeout: Duration,
 }
@@ -49,6 +49,11 @@ pub struct Endpoint {
     skip_until_ns: AtomicU64,
     connect_failures: AtomicU32,
     epoch: Instant,
+    /// The circuit breaker; replaced when the service's breaker settings change.
+    breaker: RwLock<Arc<Breaker>>,
+    /// The breaker would have ejected this endpoint but the service's ejection cap kept it in:
+    /// it is failing all the same (see [`Balancer::may_eject`]).
+    suppressed: std::sync::atomic::AtomicBool,
 }
 
 struct Rtt {
@@ -116,10 +121,18 @@ impl Rtt {
 
 impl Endpoint {
     pub fn new(addr: SocketAddr, settings: BalanceSettings) -> Arc<Endpoint> {
+        Self::with_breaker(addr, settings, Arc::new(breaker::Settings::default()))
+    }
+
+    pub fn with_breaker(
+        addr: SocketAddr,
+        settings: BalanceSettings,
+        breaker: Arc<breaker::Settings>,
+    ) -> Arc<Endpoint> {
         let now = Instant::now();
         Arc::new(Endpoint {
             addr,
-            pool: Pool::new(addr, settings.connect_timeout),
+            pool: Pool::new(addr),
             pending: AtomicU32::new(0),
             rtt: Mutex::new(Rtt {
                 ns: settings.default_rtt.as_nanos() as f64,
@@ -130,7 +143,25 @@ impl Endpoint {
             skip_until_ns: AtomicU64::new(0),
             connect_failures: AtomicU32::new(0),
             epoch: now,
+            breaker: RwLock::new(Arc::new(Breaker::new(breaker))),
+            suppressed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    pub fn breaker(&self) -> Arc<Breaker> {
+        self.breaker
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn is_ejected(&self, now: Instant) -> bool {
+        self.breaker().is_ejected(now)
+    }
+
+    /// Failing: ejected, or kept in only by the ejection cap.
+    fn is_failing(&self, now: Instant) -> bool {
+        self.suppressed.load(Ordering::Acquire) || self.is_ejected(now)
     }
 
     /// Peak-EWMA latency times (in-flight + 1).
@@ -200,6 +231,33 @@ pub struct Balancer {
     endpoint_gauge: IntGauge,
     /// True once discovery has delivered the first full endpoint set.
     synced: tokio::sync::watch::Sender<bool>,
+    /// The config's `defaults`, under the destination's own policy keys.
+    defaults: crate::policy::PolicySpec,
+    policy: RwLock<Arc<crate::policy::Policy>>,
+    breaker_settings: RwLock<Arc<breaker::Settings>>,
+}
+
+/// The breaker knobs of a policy.
+pub fn breaker_settings(p: &crate::policy::Policy) -> breaker::Settings {
+    breaker::Settings {
+        mode: p.breaker,
+        failures: p.breaker_failures,
+        backoff_min: p.breaker_backoff.0,
+        backoff_max: p.breaker_backoff_max.0,
+        success_rate: p.breaker_success_rate.0,
+        window: p.breaker_window.0,
+        min_requests: p.breaker_min_requests,
+        latency_factor: p.breaker_latency_factor,
+        ..breaker::Settings::default()
+    }
+}
+
+/// What one request's outcome did to an endpoint's breaker.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub success: bool,
+    pub latency: Duration,
+    pub probe: bool,
 }
 
 impl Balancer {
@@ -207,14 +265,120 @@ impl Balancer {
         service: Arc<str>,
         settings: BalanceSettings,
         endpoint_gauge: IntGauge,
+        defaults: crate::policy::PolicySpec,
     ) -> Arc<Self> {
+        let resolved = defaults.resolve();
+        let breaker_settings = RwLock::new(Arc::new(breaker_settings(&resolved)));
+        let policy = RwLock::new(Arc::new(resolved));
         Arc::new(Balancer {
+            breaker_settings,
             service,
             endpoints: RwLock::new(Arc::from(Vec::new())),
             settings,
             endpoint_gauge,
             synced: tokio::sync::watch::Sender::new(false),
+            defaults,
+            policy,
         })
+    }
+
+    /// The destination's current policy.
+    pub fn policy(&self) -> Arc<crate::policy::Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_policy(&self, own: &crate::policy::PolicySpec) {
+        let policy = self.defaults.overlay(own).resolve();
+        let mut slot = self.policy.write().unwrap_or_else(|e| e.into_inner());
+        if **slot == policy {
+            return;
+        }
+        tracing::debug!(service = %self.service, ?policy, "policy");
+        let old = breaker_settings(&slot);
+        let new = breaker_settings(&policy);
+        *slot = Arc::new(policy);
+        drop(slot);
+        if format!("{old:?}") != format!("{new:?}") {
+            // New breaker settings start every endpoint's breaker afresh.
+            let new = Arc::new(new);
+            *self
+                .breaker_settings
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = new.clone();
+            for ep in self
+                .endpoints
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                *ep.breaker.write().unwrap_or_else(|e| e.into_inner()) =
+                    Arc::new(Breaker::new(new.clone()));
+                ep.suppressed.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// Whether `ep` may be ejected: while fewer than the maximum share of the service's
+    /// endpoints are ejected, or when every other endpoint is failing too (then all are out and
+    /// requests fail fast instead of waiting on failing endpoints).
+    fn may_eject(&self, ep: &Endpoint, now: Instant) -> bool {
+        let list = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        let n = list.len();
+        let share = self.policy().breaker_max_ejected.0;
+        let cap = (share * n as f64).floor() as usize;
+        let others = list.iter().filter(|e| e.addr != ep.addr);
+        let ejected = others.clone().filter(|e| e.is_ejected(now)).count();
+        ejected < cap || others.clone().all(|e| e.is_failing(now))
+    }
+
+    /// The median of the other endpoints' latencies (for the latency mode).
+    fn peer_median_latency(&self, ep: &Endpoint) -> Option<Duration> {
+        let list = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        let mut l: Vec<Duration> = list
+            .iter()
+            .filter(|e| e.addr != ep.addr)
+            .filter_map(|e| e.breaker().latency())
+            .collect();
+        if l.is_empty() {
+            return None;
+        }
+        l.sort();
+        Some(l[l.len() / 2])
+    }
+
+    /// Records a request's outcome on its endpoint's breaker; returns a state change.
+    pub fn record(&self, ep: &Endpoint, outcome: Outcome) -> Option<Transition> {
+        let now = Instant::now();
+        let b = ep.breaker();
+        let latency_mode = self.policy().breaker == breaker::Mode::Latency;
+        let peer = if latency_mode {
+            self.peer_median_latency(ep)
+        } else {
+            None
+        };
+        let may_eject = outcome.success || self.may_eject(ep, now);
+        let t = b.record(
+            now,
+            outcome.success,
+            outcome.latency,
+            outcome.probe,
+            may_eject,
+            peer,
+        );
+        match t {
+            Some(Transition::EjectionSuppressed) => ep.suppressed.store(true, Ordering::Release),
+            Some(Transition::Restored) | None if outcome.success => {
+                ep.suppressed.store(false, Ordering::Release)
+            }
+            _ => {}
+        }
+        if let Some(t) = t {
+            tracing::info!(service = %self.service, endpoint = %ep.addr, transition = ?t, "circuit breaker");
+        }
+        t
     }
 
     /// Waits, up to `sync_timeout`, for discovery's first full endpoint set: the first request
@@ -239,6 +403,7 @@ impl Balancer {
                     ready.take();
                     self.synced.send_replace(true);
                 }
+                Update::Policy(own) => self.set_policy(&own),
             }
         }
     }
@@ -252,7 +417,12 @@ impl Balancer {
                     return;
                 }
                 tracing::debug!(service = %self.service, endpoint = %addr, "endpoint added");
-                list.push(Endpoint::new(addr, self.settings));
+                let b = self
+                    .breaker_settings
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                list.push(Endpoint::with_breaker(addr, self.settings, b));
             }
             Change::Remove(addr) => {
                 let before = list.len();
@@ -287,9 +457,12 @@ impl Balancer {
     /// Picks an endpoint by power of two choices, never one in `exclude`, preferring endpoints
     /// that are not backing off after a failed connect. `None` when no endpoint is left.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {
+        let now = Instant::now();
         let list = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
         let n = list.len();
-        let usable = |e: &Arc<Endpoint>| !exclude.contains(&e.addr);
+        // Ejected endpoints are never picked; their one probe goes out once the backoff is
+        // over, when `is_ejected` turns false and `admit` hands out the probe.
+        let usable = |e: &Arc<Endpoint>| !exclude.contains(&e.addr) && !e.is_ejected(now);
         let chosen = match n {
             0 => None,
             1 => Some(&list[0]).filter(|e| usable(e)),
@@ -319,6 +492,25 @@ impl Balancer {
             })
             .or_else(|| list.iter().filter(|e| usable(e)).min_by(cost_order))
             .cloned()
+    }
+
+    /// Picks an endpoint and asks its breaker: `(endpoint, probe)`. An endpoint whose probe
+    /// another request took meanwhile is passed over. `None`: no endpoint may take a request.
+    pub fn pick_admitted(&self, exclude: &[SocketAddr]) -> Option<(Arc<Endpoint>, bool)> {
+        let mut skipped: Vec<SocketAddr> = Vec::new();
+        loop {
+            let ep = if skipped.is_empty() {
+                self.pick(exclude)?
+            } else {
+                let all: Vec<SocketAddr> = exclude.iter().chain(&skipped).copied().collect();
+                self.pick(&all)?
+            };
+            match ep.breaker().admit(Instant::now()) {
+                Admission::Closed => return Some((ep, false)),
+                Admission::Probe => return Some((ep, true)),
+                Admission::Ejected => skipped.push(ep.addr),
+            }
+        }
     }
 }
 
@@ -350,7 +542,6 @@ mod tests {
         BalanceSettings {
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(1),
             sync_timeout: Duration::from_secs(5),
         }
     }
@@ -360,6 +551,7 @@ mod tests {
             "web.default".into(),
             settings(),
             IntGauge::new("g", "g").unwrap(),
+            Default::default(),
         );
         for p in 0..n {
             b.apply(Change::Insert(

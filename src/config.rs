@@ -51,8 +51,9 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub detect: DetectConfig,
     pub balance: BalanceConfig,
-    /// Connecting to an endpoint fails after this long (and falls through to another endpoint).
-    pub connect_timeout: Dur,
+    /// The policy every destination starts from (timeouts, retries, breaker, dedup); a static
+    /// service's `policy:` or a Kubernetes Service's `meshlet.dev/*` annotations override it.
+    pub defaults: crate::policy::PolicySpec,
     /// How long in-flight requests and connections may take to finish after a shutdown starts.
     pub shutdown_grace: Dur,
     /// Runtime worker threads; default: the cgroup CPU limit (rounded up), at least 1.
@@ -70,7 +71,7 @@ impl Default for Config {
             discovery: DiscoveryConfig::default(),
             detect: DetectConfig::default(),
             balance: BalanceConfig::default(),
-            connect_timeout: Dur(Duration::from_secs(1)),
+            defaults: crate::policy::PolicySpec::default(),
             shutdown_grace: Dur(Duration::from_secs(30)),
             workers: None,
             log: LogConfig::default(),
@@ -112,6 +113,14 @@ pub struct InboundConfig {
     pub listen: Addr,
     /// Inbound traffic is delivered to `app_host:<original destination port>`.
     pub app_host: Host,
+    /// Requests to the local app in flight at once; more are refused at once (503, or
+    /// RESOURCE_EXHAUSTED for gRPC). Default: no limit.
+    pub concurrency_limit: Option<u32>,
+    /// Requests per second to the local app (a token bucket); more are refused at once.
+    /// Default: no limit.
+    pub rate_limit: Option<f64>,
+    /// The token bucket's burst (default: one second's worth of `rate_limit`).
+    pub rate_limit_burst: Option<u32>,
 }
 
 impl Default for InboundConfig {
@@ -119,6 +128,9 @@ impl Default for InboundConfig {
         InboundConfig {
             listen: Addr(DEFAULT_INBOUND.parse().expect("valid default")),
             app_host: Host(IpAddr::from([127, 0, 0, 1])),
+            concurrency_limit: None,
+            rate_limit: None,
+            rate_limit_burst: None,
         }
     }
 }
@@ -183,6 +195,9 @@ pub struct StaticService {
     pub addresses: Vec<Addr>,
     #[serde(default)]
     pub endpoints: Vec<Addr>,
+    /// This service's policy keys, over `defaults`.
+    #[serde(default)]
+    pub policy: crate::policy::PolicySpec,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -406,7 +421,7 @@ impl<'de> Deserialize<'de> for ServiceName {
 
 /// Reads a YAML scalar as a string, so that `port: 80` and `port: "80"` are read alike and an
 /// error can quote what was written.
-fn scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+pub(crate) fn scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Scalar {
@@ -486,11 +501,28 @@ impl Config {
                 "\"0s\" is not allowed: the decay must be positive".into(),
             ));
         }
-        if self.connect_timeout.0.is_zero() {
+        let defaults = self.defaults.resolve();
+        if defaults.connect_timeout.0.is_zero() {
             return Err((
-                "connect_timeout".into(),
+                "defaults.connect_timeout".into(),
                 "\"0s\" is not allowed: the connect timeout must be positive".into(),
             ));
+        }
+        if let Some(i) = &self.inbound {
+            if i.concurrency_limit == Some(0) {
+                return Err((
+                    "inbound.concurrency_limit".into(),
+                    "0 would refuse every request; leave it out for no limit".into(),
+                ));
+            }
+            if let Some(r) = i.rate_limit {
+                if !(r > 0.0 && r.is_finite()) {
+                    return Err((
+                        "inbound.rate_limit".into(),
+                        format!("{r} is not a positive rate (requests per second)"),
+                    ));
+                }
+            }
         }
 
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {

@@ -8,11 +8,16 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod breaker;
 pub mod config;
+pub mod dedup;
 pub mod discovery;
+pub mod limits;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod readiness;
+pub mod retry;
 pub mod socket;
 
 /// The version printed by `meshlet version` and reported on the admin server.

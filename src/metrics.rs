@@ -33,6 +33,24 @@ pub struct Metrics {
     pub discovery_stale: IntGaugeVec,
     /// Discovery watch errors.
     pub discovery_errors: IntCounterVec,
+    /// `meshlet.dev/*` annotations ignored for a bad value.
+    pub policy_errors: IntCounterVec,
+    /// Retries sent, by reason.
+    pub retries: IntCounterVec,
+    /// Retries not sent although the answer was retryable, by reason.
+    pub retries_skipped: IntCounterVec,
+    /// Circuit breaker state per endpoint: 0 closed, 1 open (ejected), 2 half-open (probing).
+    pub breaker_state: IntGaugeVec,
+    /// Circuit breaker transitions.
+    pub breaker_transitions: IntCounterVec,
+    /// Requests answered from another identical request's upstream answer.
+    pub dedup_coalesced: IntCounterVec,
+    /// Upstream requests not made thanks to deduplication.
+    pub dedup_saved: IntCounterVec,
+    /// Requests that ran out of time (the request timeout or grpc-timeout).
+    pub timeouts: IntCounterVec,
+    /// Inbound requests refused by the concurrency or rate limit.
+    pub inbound_refused: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -125,6 +143,60 @@ impl Metrics {
                 "meshlet_discovery_errors_total",
                 "Discovery watch errors (each is retried with backoff)",
                 &["watch"],
+            ),
+            policy_errors: counter(
+                &r,
+                "meshlet_policy_errors_total",
+                "meshlet.dev/* annotations on Services ignored for a bad value (the default is used)",
+                &["service", "key"],
+            ),
+            retries: counter(
+                &r,
+                "meshlet_retries_total",
+                "Retries sent, by reason (connect, status, reset)",
+                &["service", "reason"],
+            ),
+            retries_skipped: counter(
+                &r,
+                "meshlet_retries_skipped_total",
+                "Retryable answers not retried, by reason (budget, retry_after, attempts, body)",
+                &["service", "reason"],
+            ),
+            breaker_state: gauge(
+                &r,
+                "meshlet_endpoint_breaker_state",
+                "Circuit breaker state per endpoint: 0 closed, 1 open (ejected), 2 half-open",
+                &["service", "endpoint"],
+            ),
+            breaker_transitions: counter(
+                &r,
+                "meshlet_breaker_transitions_total",
+                "Circuit breaker transitions (ejected, restored, probe_failed, suppressed)",
+                &["service", "transition"],
+            ),
+            dedup_coalesced: counter(
+                &r,
+                "meshlet_dedup_coalesced_total",
+                "Requests answered from an identical in-flight request's upstream answer",
+                &["service"],
+            ),
+            dedup_saved: counter(
+                &r,
+                "meshlet_dedup_saved_total",
+                "Upstream requests not made thanks to deduplication",
+                &["service"],
+            ),
+            timeouts: counter(
+                &r,
+                "meshlet_timeouts_total",
+                "Requests answered 504 because the request timeout or grpc-timeout passed",
+                &["direction", "service"],
+            ),
+            inbound_refused: counter(
+                &r,
+                "meshlet_inbound_refused_total",
+                "Inbound requests refused at once by a limit (concurrency, rate)",
+                &["limit"],
             ),
             registry: r,
         }

@@ -211,7 +211,7 @@ async fn tcp_connections_are_balanced_per_connection() {
     assert_eq!(counts.iter().sum::<usize>(), 61, "{counts:?}");
     for (i, n) in counts.iter().enumerate() {
         assert!(
-            *n >= 8,
+            *n >= 4,
             "server {i} got only {n} of 61 connections: {counts:?}"
         );
     }

@@ -30,10 +30,11 @@ use tokio::sync::{mpsc, watch};
 use super::{Change, Resolve, ServiceRef, Update, UpdateStream};
 use crate::config::ServiceName;
 use crate::metrics::Metrics;
+use crate::policy::{AnnotationError, PolicySpec};
 use crate::readiness::{Readiness, lock};
 
 /// What routing needs of a Service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceInfo {
     pub cluster_ips: Vec<IpAddr>,
     /// (service port, port name; "" when unnamed), TCP ports only.
@@ -42,6 +43,10 @@ pub struct ServiceInfo {
     pub headless: bool,
     /// `type: ExternalName`: a DNS alias with no cluster IP; nothing to balance.
     pub external_name: bool,
+    /// The policy keys among the Service's `meshlet.dev/*` annotations.
+    pub policy: PolicySpec,
+    /// Annotations that could not be used (reported when the Service changes).
+    pub policy_errors: Vec<AnnotationError>,
 }
 
 impl ServiceInfo {
@@ -72,6 +77,12 @@ impl ServiceInfo {
                 ))
             })
             .collect();
+        let (policy, policy_errors) = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .map(PolicySpec::from_annotations)
+            .unwrap_or_default();
         Some((
             name,
             ServiceInfo {
@@ -79,6 +90,8 @@ impl ServiceInfo {
                 ports,
                 headless,
                 external_name,
+                policy,
+                policy_errors,
             },
         ))
     }
@@ -172,6 +185,25 @@ struct Index {
 }
 
 impl Index {
+    /// The new info's unusable annotations, reported once per change of the Service.
+    fn report(metrics: &Metrics, name: &ServiceName, old: Option<&ServiceInfo>, new: &ServiceInfo) {
+        if old.is_some_and(|o| o.policy_errors == new.policy_errors) {
+            return;
+        }
+        for e in &new.policy_errors {
+            tracing::warn!(
+                service = %name, key = %e.key, value = %e.value, error = %e.error,
+                "ignoring a meshlet annotation on a Service; the default is used"
+            );
+            metrics
+                .policy_errors
+                .with_label_values(&[&name.to_string(), &e.key])
+                .inc();
+        }
+    }
+}
+
+impl Index {
     fn rebuild(services: HashMap<ServiceName, ServiceInfo>) -> Index {
         let mut by_vip = HashMap::new();
         for (name, info) in &services {
@@ -212,6 +244,8 @@ pub struct KubeResolver {
     index: Arc<RwLock<Index>>,
     /// Becomes true once the first full list of Services is in.
     services_synced: watch::Receiver<bool>,
+    /// Bumped on every change of the Services index (so slice watchers re-read policies).
+    services_changed: watch::Sender<u64>,
     health: Arc<Mutex<WatchHealth>>,
     metrics: Arc<Metrics>,
 }
@@ -242,6 +276,7 @@ impl KubeResolver {
             client,
             index: Arc::default(),
             services_synced: synced_rx,
+            services_changed: watch::Sender::new(0),
             health: Arc::default(),
             metrics,
         });
@@ -312,8 +347,13 @@ impl KubeResolver {
                 Ok(watcher::Event::InitDone) => {
                     let services = buffer.take().unwrap_or_default();
                     tracing::debug!(services = services.len(), "services listed");
-                    *self.index.write().unwrap_or_else(|e| e.into_inner()) =
-                        Index::rebuild(services);
+                    let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
+                    for (n, i) in &services {
+                        Index::report(&self.metrics, n, idx.services.get(n), i);
+                    }
+                    *idx = Index::rebuild(services);
+                    drop(idx);
+                    self.services_changed.send_modify(|g| *g += 1);
                     synced.send_replace(true);
                     guard.take();
                     self.mark("services", None);
@@ -321,7 +361,10 @@ impl KubeResolver {
                 Ok(watcher::Event::Apply(s)) => {
                     if let Some((n, i)) = ServiceInfo::from_service(&s) {
                         let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
+                        Index::report(&self.metrics, &n, idx.services.get(&n), &i);
                         idx.upsert(n, i);
+                        drop(idx);
+                        self.services_changed.send_modify(|g| *g += 1);
                     }
                     self.mark("services", None);
                 }
@@ -329,6 +372,8 @@ impl KubeResolver {
                     if let Some((n, _)) = ServiceInfo::from_service(&s) {
                         let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
                         idx.remove(&n);
+                        drop(idx);
+                        self.services_changed.send_modify(|g| *g += 1);
                     }
                     self.mark("services", None);
                 }
@@ -361,7 +406,30 @@ impl KubeResolver {
         let mut buffer: Option<HashMap<String, EndpointSlice>> = None;
         let mut current: HashSet<SocketAddr> = HashSet::new();
         let mut sent_synced = false;
-        while let Some(ev) = stream.next().await {
+        let mut policy: Option<PolicySpec> = None;
+        let mut services_changed = self.services_changed.subscribe();
+        services_changed.mark_changed();
+        loop {
+            let ev = tokio::select! {
+                ev = stream.next() => match ev {
+                    Some(ev) => ev,
+                    None => return,
+                },
+                r = services_changed.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    // The Service changed: its annotations may carry a new policy.
+                    let own = self.service_info(&target.name).map(|i| i.policy).unwrap_or_default();
+                    if policy.as_ref() != Some(&own) {
+                        policy = Some(own.clone());
+                        if tx.send(Update::Policy(Box::new(own))).is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+            };
             let changed = match ev {
                 Ok(watcher::Event::Init) => {
                     buffer = Some(HashMap::new());

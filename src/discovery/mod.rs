@@ -25,6 +25,9 @@ pub type Change = tower::discover::Change<SocketAddr, ()>;
 pub enum Update {
     Change(Change),
     Synced,
+    /// The destination's own policy keys (a static service's `policy:`, a Service's
+    /// annotations), over the config's `defaults`. Sent first and whenever they change.
+    Policy(Box<crate::policy::PolicySpec>),
 }
 
 pub type UpdateStream = Pin<Box<dyn Stream<Item = Update> + Send + 'static>>;

@@ -11,13 +11,16 @@ use crate::config::{ServiceName, StaticService};
 pub struct StaticResolver {
     by_address: HashMap<SocketAddr, ServiceName>,
     endpoints: HashMap<ServiceName, Vec<SocketAddr>>,
+    policies: HashMap<ServiceName, crate::policy::PolicySpec>,
 }
 
 impl StaticResolver {
     pub fn new(services: &[StaticService]) -> StaticResolver {
         let mut by_address = HashMap::new();
         let mut endpoints = HashMap::new();
+        let mut policies = HashMap::new();
         for s in services {
+            policies.insert(s.service.clone(), s.policy.clone());
             for a in &s.addresses {
                 by_address.insert(a.0, s.service.clone());
             }
@@ -26,6 +29,7 @@ impl StaticResolver {
         StaticResolver {
             by_address,
             endpoints,
+            policies,
         }
     }
 }
@@ -44,12 +48,19 @@ impl Resolve for StaticResolver {
     /// Every endpoint as an insert, then `Synced`, then nothing more (the stream stays open,
     /// as a live source's would).
     fn resolve(&self, service: &ServiceRef) -> UpdateStream {
-        let updates: Vec<Update> = self
-            .endpoints
+        let policy = self
+            .policies
             .get(&service.name)
-            .into_iter()
-            .flatten()
-            .map(|addr| Update::Change(Change::Insert(*addr, ())))
+            .cloned()
+            .unwrap_or_default();
+        let updates: Vec<Update> = std::iter::once(Update::Policy(Box::new(policy)))
+            .chain(
+                self.endpoints
+                    .get(&service.name)
+                    .into_iter()
+                    .flatten()
+                    .map(|addr| Update::Change(Change::Insert(*addr, ()))),
+            )
             .chain(std::iter::once(Update::Synced))
             .collect();
         Box::pin(stream::iter(updates).chain(stream::pending()))
@@ -69,6 +80,7 @@ mod tests {
             service: svc.clone(),
             addresses: vec![Addr("198.19.0.10:80".parse().unwrap())],
             endpoints: vec![Addr("127.0.0.1:1".parse().unwrap())],
+            policy: Default::default(),
         }]);
         let svc = ServiceRef::from(svc);
         assert_eq!(
@@ -76,9 +88,10 @@ mod tests {
             Some(svc.clone())
         );
         assert_eq!(r.lookup("198.19.0.10:81".parse().unwrap()), None);
-        let got: Vec<Update> = r.resolve(&svc).take(2).collect().await;
+        let got: Vec<Update> = r.resolve(&svc).take(3).collect().await;
         let want: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        assert!(matches!(got[0], Update::Change(Change::Insert(a, ()) ) if a == want));
-        assert!(matches!(got[1], Update::Synced));
+        assert!(matches!(got[0], Update::Policy(_)));
+        assert!(matches!(got[1], Update::Change(Change::Insert(a, ()) ) if a == want));
+        assert!(matches!(got[2], Update::Synced));
     }
 }

@@ -20,6 +20,10 @@ enum Kind {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    /// A request body kept for retries, or read partly (see `retry::make_replayable`).
+    Prefixed(Box<crate::retry::PrefixedBody>),
+    /// A response shared by deduplicated requests (see `dedup`).
+    Shared(Box<crate::dedup::ResponseBody>),
 }
 
 impl std::fmt::Debug for Body {
@@ -28,6 +32,8 @@ impl std::fmt::Debug for Body {
             Kind::Empty => "empty",
             Kind::Full(_) => "full",
             Kind::Incoming(_) => "streaming",
+            Kind::Prefixed(_) => "prefixed",
+            Kind::Shared(_) => "shared",
         };
         f.debug_struct("Body").field("kind", &kind).finish()
     }
@@ -56,6 +62,20 @@ impl Body {
     pub fn incoming(b: Incoming) -> Body {
         Body {
             kind: Kind::Incoming(b),
+            on_end: None,
+        }
+    }
+
+    pub fn prefixed(b: crate::retry::PrefixedBody) -> Body {
+        Body {
+            kind: Kind::Prefixed(Box::new(b)),
+            on_end: None,
+        }
+    }
+
+    pub fn shared(b: crate::dedup::ResponseBody) -> Body {
+        Body {
+            kind: Kind::Shared(Box::new(b)),
             on_end: None,
         }
     }
@@ -94,6 +114,8 @@ impl http_body::Body for Body {
                 }
                 res
             }
+            Kind::Prefixed(b) => Pin::new(b.as_mut()).poll_frame(cx),
+            Kind::Shared(b) => Pin::new(b.as_mut()).poll_frame(cx),
         }
     }
 
@@ -102,6 +124,8 @@ impl http_body::Body for Body {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::Incoming(b) => b.is_end_stream(),
+            Kind::Prefixed(b) => b.is_end_stream(),
+            Kind::Shared(b) => b.is_end_stream(),
         }
     }
 
@@ -110,6 +134,8 @@ impl http_body::Body for Body {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Incoming(b) => b.size_hint(),
+            Kind::Prefixed(b) => b.size_hint(),
+            Kind::Shared(b) => b.size_hint(),
         }
     }
 }

@@ -12,7 +12,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response, Version};
 use hyper::client::conn::{http1, http2};
@@ -25,10 +25,18 @@ use crate::readiness::lock;
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 256;
 
+/// The timeouts of a destination's connections (from its policy).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Idle pooled HTTP/1.1 connections older than this are not reused.
+    pub idle: Duration,
+}
+
 pub struct Pool {
     addr: SocketAddr,
-    connect_timeout: Duration,
-    idle_h1: Mutex<Vec<http1::SendRequest<Body>>>,
+    /// Idle HTTP/1.1 connections, with when each became idle.
+    idle_h1: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
     /// Held across a connect so that concurrent HTTP/2 requests share one new connection.
     h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
 }
@@ -63,16 +71,15 @@ impl PoolReturn {
         }
         let mut idle = lock(&self.pool.idle_h1);
         if idle.len() < MAX_IDLE_H1 {
-            idle.push(self.sender);
+            idle.push((self.sender, Instant::now()));
         }
     }
 }
 
 impl Pool {
-    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Arc<Pool> {
+    pub fn new(addr: SocketAddr) -> Arc<Pool> {
         Arc::new(Pool {
             addr,
-            connect_timeout,
             idle_h1: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
         })
@@ -83,23 +90,27 @@ impl Pool {
     }
 
     /// Opens a new TCP connection to the endpoint within the connect timeout.
-    pub async fn connect_tcp(&self) -> io::Result<TcpStream> {
-        match tokio::time::timeout(self.connect_timeout, crate::socket::connect(self.addr)).await {
+    pub async fn connect_tcp(&self, timeout: Duration) -> io::Result<TcpStream> {
+        match tokio::time::timeout(timeout, crate::socket::connect(self.addr)).await {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("no connection within {:?}", self.connect_timeout),
+                format!("no connection within {timeout:?}"),
             )),
         }
     }
 
     /// Sends a request with the protocol the client used (HTTP/2 stays HTTP/2, HTTP/1.x stays
     /// HTTP/1.1).
-    pub async fn send(self: &Arc<Self>, req: Request<Body>) -> Result<Response<Body>, SendError> {
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<Body>,
+        t: Timeouts,
+    ) -> Result<Response<Body>, SendError> {
         if req.version() == Version::HTTP_2 {
-            self.send_h2(req).await
+            self.send_h2(req, t).await
         } else {
-            self.send_h1(req).await
+            self.send_h1(req, t).await
         }
     }
 
@@ -119,9 +130,13 @@ impl Pool {
     }
 
     /// An idle connection that is ready for a request, dropping closed ones.
-    async fn checkout_h1(&self) -> Option<http1::SendRequest<Body>> {
+    async fn checkout_h1(&self, idle_timeout: Duration) -> Option<http1::SendRequest<Body>> {
         loop {
-            let mut sender = lock(&self.idle_h1).pop()?;
+            let (mut sender, since) = lock(&self.idle_h1).pop()?;
+            if since.elapsed() > idle_timeout {
+                // Stale: the server may be about to close it. Dropping closes it.
+                continue;
+            }
             // A connection returns to the pool as its response body ends; hyper marks it ready
             // a moment later, or closed if the server said `Connection: close`.
             if sender.ready().await.is_ok() {
@@ -130,8 +145,12 @@ impl Pool {
         }
     }
 
-    async fn handshake_h1(&self, upgrades: bool) -> io::Result<http1::SendRequest<Body>> {
-        let io = TokioIo::new(self.connect_tcp().await?);
+    async fn handshake_h1(
+        &self,
+        upgrades: bool,
+        connect: Duration,
+    ) -> io::Result<http1::SendRequest<Body>> {
+        let io = TokioIo::new(self.connect_tcp(connect).await?);
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -151,12 +170,13 @@ impl Pool {
     async fn send_h1(
         self: &Arc<Self>,
         mut req: Request<Body>,
+        t: Timeouts,
     ) -> Result<Response<Body>, SendError> {
         *req.version_mut() = Version::HTTP_11;
         loop {
-            let (mut sender, reused) = match self.checkout_h1().await {
+            let (mut sender, reused) = match self.checkout_h1(t.idle).await {
                 Some(s) => (s, true),
-                None => match self.handshake_h1(false).await {
+                None => match self.handshake_h1(false, t.connect).await {
                     Ok(s) => (s, false),
                     Err(e) => return Err(self.connect_error(e, req)),
                 },
@@ -179,14 +199,14 @@ impl Pool {
         }
     }
 
-    async fn h2_sender(&self) -> io::Result<http2::SendRequest<Body>> {
+    async fn h2_sender(&self, connect: Duration) -> io::Result<http2::SendRequest<Body>> {
         let mut slot = self.h2.lock().await;
         if let Some(s) = slot.as_ref() {
             if !s.is_closed() {
                 return Ok(s.clone());
             }
         }
-        let io = TokioIo::new(self.connect_tcp().await?);
+        let io = TokioIo::new(self.connect_tcp(connect).await?);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -200,10 +220,14 @@ impl Pool {
         Ok(sender)
     }
 
-    async fn send_h2(&self, mut req: Request<Body>) -> Result<Response<Body>, SendError> {
+    async fn send_h2(
+        &self,
+        mut req: Request<Body>,
+        t: Timeouts,
+    ) -> Result<Response<Body>, SendError> {
         let mut retried = false;
         loop {
-            let mut sender = match self.h2_sender().await {
+            let mut sender = match self.h2_sender(t.connect).await {
                 Ok(s) => s,
                 Err(e) => return Err(self.connect_error(e, req)),
             };
@@ -222,8 +246,12 @@ impl Pool {
 
     /// Sends an HTTP/1.1 upgrade request (e.g. WebSocket) on a connection of its own, which
     /// becomes the upgraded stream after a `101 Switching Protocols`.
-    pub async fn send_upgrade(&self, req: Request<Body>) -> Result<Response<Body>, SendError> {
-        let mut sender = match self.handshake_h1(true).await {
+    pub async fn send_upgrade(
+        &self,
+        req: Request<Body>,
+        t: Timeouts,
+    ) -> Result<Response<Body>, SendError> {
+        let mut sender = match self.handshake_h1(true, t.connect).await {
             Ok(s) => s,
             Err(e) => return Err(self.connect_error(e, req)),
         };

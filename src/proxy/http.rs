@@ -4,16 +4,18 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
-use super::Target;
 use super::body::Body;
-use super::client::SendError;
+use super::client::{SendError, Timeouts};
+use super::{Resilience, Target};
+use crate::breaker::Transition;
+use crate::retry;
 
 /// Connect attempts for one request, each on a different endpoint.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -33,8 +35,20 @@ pub async fn handle(t: Arc<Target>, req: Request<Incoming>) -> Result<Response<B
     Ok(rsp)
 }
 
-async fn forward(t: &Target, mut req: Request<Incoming>) -> Response<Body> {
+async fn forward(t: &Arc<Target>, mut req: Request<Incoming>) -> Response<Body> {
     let grpc = is_grpc(req.headers());
+    // Inbound limits answer at once, before anything else is spent on the request.
+    let _permit = match admit_inbound(t) {
+        Ok(p) => p,
+        Err(limit) => {
+            t.metrics.inbound_refused.with_label_values(&[limit]).inc();
+            return error_response_with(
+                StatusCode::SERVICE_UNAVAILABLE,
+                grpc.then_some(GRPC_RESOURCE_EXHAUSTED),
+                &format!("inbound {limit} limit reached for {}", t.service),
+            );
+        }
+    };
     let upgrade = if req.version() != Version::HTTP_2 && is_upgrade(req.headers()) {
         Some(hyper::upgrade::on(&mut req))
     } else {
@@ -45,29 +59,245 @@ async fn forward(t: &Target, mut req: Request<Incoming>) -> Response<Body> {
     if parts.version == Version::HTTP_2 && parts.uri.authority().is_none() {
         set_authority(&mut parts, &t.service);
     }
-    let mut req = Request::from_parts(parts, Body::incoming(body));
-
     t.route.wait_synced().await;
+    let r = t.resilience();
+    let deadline = deadline(&r.policy, &parts.headers);
+    let work = async {
+        if let (Some(dedup), None) = (&r.dedup, &upgrade) {
+            let head = Request::from_parts(parts, ());
+            if let Some(key) = crate::dedup::key(&head, !body.is_end_stream(), dedup.settings()) {
+                // Bodiless: every caller (leader, or a waiter that must go alone) can send its
+                // own copy of the request.
+                let (parts, ()) = head.into_parts();
+                let template = Template::of(&parts);
+                let (t, r2) = (t.clone(), r.clone());
+                let rsp = dedup
+                    .run(key, move || {
+                        let req = template.build(Body::empty());
+                        let (t, r) = (t.clone(), r2.clone());
+                        async move { send(&t, &r, req, None, grpc).await }
+                    })
+                    .await;
+                return rsp.map(Body::shared);
+            }
+            parts = head.into_parts().0;
+        }
+        let req = Request::from_parts(parts, Body::incoming(body));
+        send(t, &r, req, upgrade, grpc).await
+    };
+    match deadline {
+        None => work.await,
+        Some(d) => match tokio::time::timeout(d, work).await {
+            Ok(rsp) => rsp,
+            Err(_) => {
+                t.metrics
+                    .timeouts
+                    .with_label_values(&[t.direction.as_str(), &t.service])
+                    .inc();
+                error_response_with(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    grpc.then_some(GRPC_DEADLINE_EXCEEDED),
+                    &format!("request to {} timed out after {d:?}", t.service),
+                )
+            }
+        },
+    }
+}
+
+const GRPC_DEADLINE_GRACE: Duration = Duration::from_millis(25);
+const GRPC_UNAVAILABLE: &str = "14";
+const GRPC_DEADLINE_EXCEEDED: &str = "4";
+const GRPC_RESOURCE_EXHAUSTED: &str = "8";
+
+/// A request body that has not ended this soon after the head is treated as a stream (a
+/// client-streaming or bidi gRPC call, an upload in progress) and not held for retries.
+const REPLAY_WAIT: Duration = Duration::from_millis(5);
+
+/// The inbound concurrency and rate limits: a permit, or the limit that refuses the request.
+fn admit_inbound(t: &Target) -> Result<Option<crate::limits::ConcurrencyPermit>, &'static str> {
+    let Some(limits) = &t.limits else {
+        return Ok(None);
+    };
+    if let Some(rate) = &limits.rate {
+        if !rate.try_acquire(Instant::now()) {
+            return Err("rate");
+        }
+    }
+    match &limits.concurrency {
+        Some(c) => c.try_acquire().map(Some).ok_or("concurrency"),
+        None => Ok(None),
+    }
+}
+
+/// The time a request may take: the policy's timeout, or the client's grpc-timeout if sooner.
+/// grpc-timeout travels to the server, which should end the call itself with its own status and
+/// message; meshlet gives it a moment to do so (`GRPC_DEADLINE_GRACE`) and only then answers
+/// DEADLINE_EXCEEDED for a server that ignores deadlines.
+fn deadline(policy: &crate::policy::Policy, h: &HeaderMap) -> Option<Duration> {
+    let grpc = h
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map(|d| d.saturating_add(GRPC_DEADLINE_GRACE));
+    match (policy.timeout.0, grpc) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// What is needed to send a request again: its head without the body.
+#[derive(Clone)]
+struct Template {
+    method: http::Method,
+    uri: http::Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Template {
+    fn of(parts: &http::request::Parts) -> Template {
+        Template {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn build(&self, body: Body) -> Request<Body> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// Sends a request to the route's endpoints with the policy's protections: breaker-aware
+/// picking (a probe when an ejected endpoint's backoff is over), connect failures tried on
+/// another endpoint (nothing was sent), retries of retryable answers within the budget with
+/// backoff and full jitter, preferring another endpoint.
+async fn send(
+    t: &Target,
+    r: &Resilience,
+    req: Request<Body>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    grpc: bool,
+) -> Response<Body> {
+    let p = &r.policy;
+    let timeouts = Timeouts {
+        connect: p.connect_timeout.0,
+        idle: p.idle_timeout.0,
+    };
+    r.budget.deposit(Instant::now());
+    let method = req.method().clone();
+    // A request that may be sent again after it was sent keeps its head and its body (when the
+    // body ends within 64 KiB). Others are sent once; a connect failure still hands them back.
+    let may_retry = upgrade.is_none()
+        && p.max_retries > 0
+        && (retry::is_idempotent(&method) || (grpc && p.retry_on.retriable_grpc));
+    let (mut next, replay) = if may_retry {
+        let (parts, body) = req.into_parts();
+        let give_up = tokio::time::sleep(REPLAY_WAIT);
+        match retry::make_replayable_until(body, retry::DEFAULT_REPLAY_LIMIT, give_up).await {
+            Ok(retry::Replay::Replayable(b)) => {
+                let template = Template::of(&parts);
+                let first = Request::from_parts(parts, Body::prefixed(b.body()));
+                (Some(first), Some((template, b)))
+            }
+            Ok(retry::Replay::Streaming(b)) => {
+                (Some(Request::from_parts(parts, Body::prefixed(b))), None)
+            }
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    grpc,
+                    &format!("reading the request body failed: {e}"),
+                );
+            }
+        }
+    } else {
+        (Some(req), None)
+    };
+
     let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut last_error = None;
-    while tried.len() < MAX_CONNECT_ATTEMPTS {
-        let Some(ep) = t.route.pick(&tried) else {
-            break;
+    let mut connect_failures = 0usize;
+    let mut retries = 0u32;
+    let mut last_error: Option<String> = None;
+    let mut upgrade = upgrade;
+    loop {
+        let Some(req) = next.take() else {
+            return error_response(StatusCode::BAD_GATEWAY, grpc, "meshlet: no request to send");
+        };
+        // Prefer an endpoint this request has not failed on; any admitted one otherwise.
+        let picked = t.route.pick_admitted(&tried).or_else(|| {
+            (!tried.is_empty() && connect_failures == 0)
+                .then(|| t.route.pick_admitted(&[]))
+                .flatten()
+        });
+        let Some((ep, probe)) = picked else {
+            return unavailable(t, grpc, last_error);
         };
         let inflight = ep.start();
-        let res = if upgrade.is_some() {
-            ep.pool.send_upgrade(req).await
-        } else {
-            ep.pool.send(req).await
+        let started = Instant::now();
+        let res = match upgrade.take() {
+            Some(client) => match ep.pool.send_upgrade(req, timeouts).await {
+                Ok(mut rsp) => {
+                    ep.connect_succeeded();
+                    drop(inflight);
+                    record(t, &ep, true, started, probe);
+                    if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        splice_upgrade(t, client, &mut rsp);
+                    } else {
+                        strip_hop_by_hop(rsp.headers_mut(), false);
+                    }
+                    return rsp;
+                }
+                Err(e) => Err(e),
+            },
+            None => ep.pool.send(req, timeouts).await,
         };
         match res {
             Ok(mut rsp) => {
                 ep.connect_succeeded();
                 drop(inflight);
-                if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    if let Some(client) = upgrade {
-                        splice_upgrade(t, client, &mut rsp);
-                        return rsp;
+                let status = rsp.status();
+                let failure =
+                    failure_class(p).is_failure(status, retry::grpc_status(rsp.headers()));
+                record(t, &ep, !failure, started, probe);
+                if failure && p.retry_on.retries_response(&method, status, rsp.headers()) {
+                    match may_send_again(t, r, &replay, retries, rsp.headers()) {
+                        Ok(wait) => {
+                            retries += 1;
+                            tried.push(ep.addr);
+                            count_retry(t, "status");
+                            drop(rsp);
+                            tokio::time::sleep(wait).await;
+                            next = replay
+                                .as_ref()
+                                .map(|(tpl, b)| tpl.build(Body::prefixed(b.body())));
+                            continue;
+                        }
+                        Err(reason) => count_skipped(t, reason),
                     }
                 }
                 strip_hop_by_hop(rsp.headers_mut(), false);
@@ -80,6 +310,7 @@ async fn forward(t: &Target, mut req: Request<Incoming>) -> Response<Body> {
             }) => {
                 inflight.forget();
                 ep.connect_failed();
+                record(t, &ep, false, started, probe);
                 t.metrics
                     .connect_errors
                     .with_label_values(&[&*t.service, &addr.to_string()])
@@ -87,10 +318,35 @@ async fn forward(t: &Target, mut req: Request<Incoming>) -> Response<Body> {
                 tracing::debug!(service = %t.service, endpoint = %addr, %error, "connect failed; trying another endpoint");
                 last_error = Some(format!("connect to {addr}: {error}"));
                 tried.push(addr);
-                req = *request;
+                connect_failures += 1;
+                if connect_failures >= MAX_CONNECT_ATTEMPTS {
+                    return unavailable(t, grpc, last_error);
+                }
+                count_retry(t, "connect");
+                // Nothing was sent: the same request goes to another endpoint.
+                next = Some(*request);
             }
             Err(e @ SendError::Upstream { .. }) => {
+                drop(inflight);
+                record(t, &ep, false, started, probe);
                 tracing::debug!(service = %t.service, error = %e, "upstream request failed");
+                if p.retry_on.retries_reset(&method)
+                    || (grpc && p.retry_on.reset && replay.is_some())
+                {
+                    match may_send_again(t, r, &replay, retries, &HeaderMap::new()) {
+                        Ok(wait) => {
+                            retries += 1;
+                            tried.push(ep.addr);
+                            count_retry(t, "reset");
+                            tokio::time::sleep(wait).await;
+                            next = replay
+                                .as_ref()
+                                .map(|(tpl, b)| tpl.build(Body::prefixed(b.body())));
+                            continue;
+                        }
+                        Err(reason) => count_skipped(t, reason),
+                    }
+                }
                 return error_response(
                     StatusCode::BAD_GATEWAY,
                     grpc,
@@ -99,24 +355,96 @@ async fn forward(t: &Target, mut req: Request<Incoming>) -> Response<Body> {
             }
         }
     }
-    match last_error {
-        None => {
-            t.metrics
-                .no_endpoints
-                .with_label_values(&[t.direction.as_str(), &t.service, "http"])
-                .inc();
-            error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                grpc,
-                &format!("no endpoints for {}", t.service),
-            )
-        }
-        Some(e) => error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            grpc,
-            &format!("no reachable endpoint for {} ({e})", t.service),
-        ),
+}
+
+/// Whether a request that got a retryable answer may be sent again, and after how long; or why
+/// not (a metric label).
+fn may_send_again(
+    t: &Target,
+    r: &Resilience,
+    replay: &Option<(Template, retry::Buffered)>,
+    retries: u32,
+    headers: &HeaderMap,
+) -> Result<Duration, &'static str> {
+    let p = &r.policy;
+    if replay.is_none() {
+        return Err("body");
     }
+    if retries >= p.max_retries {
+        return Err("attempts");
+    }
+    let wait = match retry::retry_after(headers, std::time::SystemTime::now(), Duration::MAX) {
+        Some(after) if after > p.retry_after_max.0 => return Err("retry_after"),
+        Some(after) => after,
+        None => retry::backoff(retries, p.retry_backoff.0, p.retry_backoff_max.0),
+    };
+    if !r.budget.try_withdraw(Instant::now()) {
+        tracing::debug!(service = %t.service, "retry budget exhausted");
+        return Err("budget");
+    }
+    Ok(wait)
+}
+
+fn count_retry(t: &Target, reason: &str) {
+    t.metrics
+        .retries
+        .with_label_values(&[&t.service, reason])
+        .inc();
+}
+
+fn count_skipped(t: &Target, reason: &str) {
+    t.metrics
+        .retries_skipped
+        .with_label_values(&[&t.service, reason])
+        .inc();
+}
+
+fn failure_class(p: &crate::policy::Policy) -> crate::breaker::FailureClass {
+    crate::breaker::FailureClass {
+        http: p.failure_statuses.0,
+        grpc: p.failure_grpc.0.clone(),
+    }
+}
+
+/// Records an outcome on the endpoint's breaker and shows a state change in the metrics.
+fn record(t: &Target, ep: &crate::balance::Endpoint, success: bool, started: Instant, probe: bool) {
+    let outcome = crate::balance::Outcome {
+        success,
+        latency: started.elapsed(),
+        probe,
+    };
+    if let Some(tr) = t.route.record(ep, outcome) {
+        let (label, state) = match tr {
+            Transition::Ejected { .. } => ("ejected", 1),
+            Transition::ProbeFailed { .. } => ("probe_failed", 1),
+            Transition::Restored => ("restored", 0),
+            Transition::EjectionSuppressed => ("suppressed", 0),
+        };
+        t.metrics
+            .breaker_transitions
+            .with_label_values(&[&t.service, label])
+            .inc();
+        t.metrics
+            .breaker_state
+            .with_label_values(&[&*t.service, &ep.addr.to_string()])
+            .set(state);
+    }
+}
+
+/// No endpoint could take the request: none known, all ejected, or none reachable.
+fn unavailable(t: &Target, grpc: bool, last_error: Option<String>) -> Response<Body> {
+    let msg = match last_error {
+        Some(e) => format!("no reachable endpoint for {} ({e})", t.service),
+        None if t.route.is_empty() => format!("no endpoints for {}", t.service),
+        None => format!("no available endpoints for {}", t.service),
+    };
+    if t.route.is_empty() {
+        t.metrics
+            .no_endpoints
+            .with_label_values(&[t.direction.as_str(), &t.service, "http"])
+            .inc();
+    }
+    error_response(StatusCode::SERVICE_UNAVAILABLE, grpc, &msg)
 }
 
 /// After a `101 Switching Protocols`, joins the client's and the endpoint's upgraded streams.
@@ -204,15 +532,24 @@ fn set_authority(parts: &mut http::request::Parts, service: &str) {
 /// An error answer from meshlet itself. gRPC clients get a trailers-only response with
 /// grpc-status UNAVAILABLE (14), which they understand, and the same `meshlet-error` header.
 pub fn error_response(status: StatusCode, grpc: bool, msg: &str) -> Response<Body> {
+    error_response_with(status, grpc.then_some(GRPC_UNAVAILABLE), msg)
+}
+
+/// An error answer; for a gRPC client, a trailers-only response with `grpc_code`.
+fn error_response_with(
+    status: StatusCode,
+    grpc_code: Option<&'static str>,
+    msg: &str,
+) -> Response<Body> {
     let value = HeaderValue::from_str(msg).unwrap_or(HeaderValue::from_static("error"));
-    let mut rsp = if grpc {
+    let mut rsp = if let Some(code) = grpc_code {
         let mut r = Response::new(Body::empty());
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
         r.headers_mut()
-            .insert("grpc-status", HeaderValue::from_static("14"));
+            .insert("grpc-status", HeaderValue::from_static(code));
         r.headers_mut().insert("grpc-message", value.clone());
         r
     } else {

@@ -25,6 +25,7 @@ use crate::balance::{BalanceSettings, Balancer, Endpoint};
 use crate::config::{Config, ServiceRef};
 use crate::discovery::Resolve;
 use crate::metrics::Metrics;
+use crate::policy::{Policy, PolicySpec};
 use crate::readiness::{Readiness, lock};
 use detect::{PrefixedIo, Protocol};
 
@@ -47,8 +48,8 @@ impl Direction {
 pub enum Route {
     /// A destination service's endpoints, balanced per request.
     Balanced(Arc<Balancer>),
-    /// One fixed endpoint (inbound: the local app's port).
-    Fixed(Arc<Endpoint>),
+    /// One fixed endpoint (inbound: the local app's port), with its policy.
+    Fixed(Arc<Endpoint>, Arc<Policy>),
     /// Nowhere (unknown destinations pass through without a route).
     None,
 }
@@ -61,10 +62,52 @@ impl Route {
         }
     }
 
+    /// The route's current policy.
+    pub fn policy(&self) -> Arc<Policy> {
+        match self {
+            Route::Balanced(b) => b.policy(),
+            Route::Fixed(_, p) => p.clone(),
+            Route::None => Arc::new(Policy::default()),
+        }
+    }
+
+    /// Picks an endpoint its breaker admits: `(endpoint, is the breaker's probe)`.
+    pub fn pick_admitted(&self, exclude: &[SocketAddr]) -> Option<(Arc<Endpoint>, bool)> {
+        match self {
+            Route::Balanced(b) => b.pick_admitted(exclude),
+            _ => self.pick(exclude).map(|e| (e, false)),
+        }
+    }
+
+    /// Records an outcome on the endpoint's breaker (balanced routes only).
+    pub fn record(
+        &self,
+        ep: &Endpoint,
+        outcome: crate::balance::Outcome,
+    ) -> Option<crate::breaker::Transition> {
+        match self {
+            Route::Balanced(b) => b.record(ep, outcome),
+            _ => None,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Endpoints known (0: the service has none at all).
+    pub fn len(&self) -> usize {
+        match self {
+            Route::Balanced(b) => b.len(),
+            Route::Fixed(..) => 1,
+            Route::None => 0,
+        }
+    }
+
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {
         match self {
             Route::Balanced(b) => b.pick(exclude),
-            Route::Fixed(e) => Some(e.clone()).filter(|e| !exclude.contains(&e.addr)),
+            Route::Fixed(e, _) => Some(e.clone()).filter(|e| !exclude.contains(&e.addr)),
             Route::None => None,
         }
     }
@@ -81,9 +124,86 @@ pub struct Target {
     pub duration: Histogram,
     /// Tasks that outlive a request (upgraded streams) are tracked for graceful shutdown.
     pub tasks: TaskTracker,
+    /// Inbound limits protecting the local app (inbound targets only).
+    pub limits: Option<Arc<InboundLimits>>,
+    /// The retry budget and deduplication of the current policy.
+    resilience: Mutex<Option<Arc<Resilience>>>,
+}
+
+/// Limits on requests to the local app, shared by every inbound port.
+pub struct InboundLimits {
+    pub concurrency: Option<crate::limits::ConcurrencyLimit>,
+    pub rate: Option<crate::limits::RateLimit>,
+}
+
+/// The state a destination's policy calls for: built when the policy changes, shared by its
+/// requests.
+pub struct Resilience {
+    pub policy: Arc<Policy>,
+    pub budget: crate::retry::RetryBudget,
+    pub dedup: Option<crate::dedup::Dedup>,
 }
 
 impl Target {
+    fn new(
+        direction: Direction,
+        service: Arc<str>,
+        route: Route,
+        metrics: &Arc<Metrics>,
+        tasks: &TaskTracker,
+        limits: Option<Arc<InboundLimits>>,
+    ) -> Target {
+        Target {
+            direction,
+            duration: metrics
+                .response_duration
+                .with_label_values(&[direction.as_str(), &service]),
+            service,
+            route,
+            metrics: metrics.clone(),
+            tasks: tasks.clone(),
+            limits,
+            resilience: Mutex::new(None),
+        }
+    }
+
+    /// The policy and what it calls for, rebuilt when the policy changed.
+    pub fn resilience(&self) -> Arc<Resilience> {
+        let policy = self.route.policy();
+        let mut slot = lock(&self.resilience);
+        if let Some(r) = slot.as_ref() {
+            if Arc::ptr_eq(&r.policy, &policy) || *r.policy == *policy {
+                return r.clone();
+            }
+        }
+        let dedup = policy.dedup.then(|| {
+            crate::dedup::Dedup::new(
+                crate::dedup::Settings {
+                    methods: policy.dedup_methods.0.clone(),
+                    headers: policy.dedup_headers.0.clone(),
+                    max_body: policy.dedup_max_body.0,
+                    leader_timeout: policy.dedup_timeout.0,
+                    max_waiters: policy.dedup_max_waiters as usize,
+                },
+                self.metrics
+                    .dedup_coalesced
+                    .with_label_values(&[&self.service]),
+                self.metrics.dedup_saved.with_label_values(&[&self.service]),
+            )
+        });
+        let r = Arc::new(Resilience {
+            budget: crate::retry::RetryBudget::new(
+                policy.retry_budget.0,
+                policy.retry_budget_min,
+                Duration::from_secs(10),
+            ),
+            dedup,
+            policy,
+        });
+        *slot = Some(r.clone());
+        r
+    }
+
     pub(crate) fn byte_counters(&self) -> tcp::ByteCounters {
         let c = |flow| {
             self.metrics.tcp_bytes.with_label_values(&[
@@ -105,11 +225,14 @@ pub struct Proxy {
     resolver: Arc<dyn Resolve>,
     readiness: Readiness,
     settings: BalanceSettings,
+    /// The config file's `defaults:` policy layer.
+    defaults: PolicySpec,
     detect_timeout: Duration,
     server_first_ports: Vec<u16>,
     outbound: Mutex<HashMap<ServiceRef, Arc<Target>>>,
     inbound: Mutex<HashMap<u16, Arc<Target>>>,
     passthrough: Arc<Target>,
+    limits: Option<Arc<InboundLimits>>,
     app_host: IpAddr,
     pub tasks: TaskTracker,
     pub drain: CancellationToken,
@@ -141,15 +264,24 @@ impl Proxy {
         drain: CancellationToken,
     ) -> Arc<Proxy> {
         let tasks = TaskTracker::new();
-        let passthrough = Arc::new(Target {
-            direction: Direction::Outbound,
-            service: "passthrough".into(),
-            route: Route::None,
-            duration: metrics
-                .response_duration
-                .with_label_values(&["outbound", "passthrough"]),
-            metrics: metrics.clone(),
-            tasks: tasks.clone(),
+        let passthrough = Arc::new(Target::new(
+            Direction::Outbound,
+            "passthrough".into(),
+            Route::None,
+            &metrics,
+            &tasks,
+            None,
+        ));
+        let limits = config.inbound.as_ref().and_then(|i| {
+            let concurrency = i
+                .concurrency_limit
+                .map(|n| crate::limits::ConcurrencyLimit::new(n as usize));
+            let rate = i.rate_limit.map(|r| {
+                let burst = i.rate_limit_burst.unwrap_or(r.ceil().max(1.0) as u32);
+                crate::limits::RateLimit::new(r, burst)
+            });
+            (concurrency.is_some() || rate.is_some())
+                .then(|| Arc::new(InboundLimits { concurrency, rate }))
         });
         Arc::new(Proxy {
             metrics,
@@ -158,14 +290,15 @@ impl Proxy {
             settings: BalanceSettings {
                 default_rtt: config.balance.default_rtt.0,
                 decay: config.balance.decay.0,
-                connect_timeout: config.connect_timeout.0,
                 sync_timeout: config.discovery.sync_timeout.0,
             },
+            defaults: config.defaults.clone(),
             detect_timeout: config.detect.timeout.0,
             server_first_ports: config.detect.server_first_ports.clone(),
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
             passthrough,
+            limits,
             app_host: config
                 .inbound
                 .as_ref()
@@ -186,21 +319,19 @@ impl Proxy {
             label.clone(),
             self.settings,
             self.metrics.endpoints.with_label_values(&[&label]),
+            self.defaults.clone(),
         );
         let ready = self.readiness.register(format!("discovery of {name}"));
         let updates = self.resolver.resolve(name);
         tokio::spawn(balancer.clone().follow(updates, ready));
-        let t = Arc::new(Target {
-            direction: Direction::Outbound,
-            duration: self
-                .metrics
-                .response_duration
-                .with_label_values(&["outbound", &label]),
-            service: label,
-            route: Route::Balanced(balancer),
-            metrics: self.metrics.clone(),
-            tasks: self.tasks.clone(),
-        });
+        let t = Arc::new(Target::new(
+            Direction::Outbound,
+            label,
+            Route::Balanced(balancer),
+            &self.metrics,
+            &self.tasks,
+            None,
+        ));
         map.insert(name.clone(), t.clone());
         t
     }
@@ -211,22 +342,29 @@ impl Proxy {
         map.entry(port)
             .or_insert_with(|| {
                 let label: Arc<str> = format!("app:{port}").into();
-                Arc::new(Target {
-                    direction: Direction::Inbound,
-                    duration: self
-                        .metrics
-                        .response_duration
-                        .with_label_values(&["inbound", &label]),
-                    service: label,
-                    route: Route::Fixed(Endpoint::new(
-                        SocketAddr::new(self.app_host, port),
-                        self.settings,
-                    )),
-                    metrics: self.metrics.clone(),
-                    tasks: self.tasks.clone(),
-                })
+                Arc::new(Target::new(
+                    Direction::Inbound,
+                    label,
+                    Route::Fixed(
+                        Endpoint::new(SocketAddr::new(self.app_host, port), self.settings),
+                        Arc::new(self.inbound_policy()),
+                    ),
+                    &self.metrics,
+                    &self.tasks,
+                    self.limits.clone(),
+                ))
             })
             .clone()
+    }
+
+    /// Inbound delivery to the local app: the file's timeouts, but no retries, no breaker and
+    /// no deduplication (those belong to the calling side's sidecar).
+    fn inbound_policy(&self) -> Policy {
+        let mut p = self.defaults.resolve();
+        p.max_retries = 0;
+        p.breaker = crate::breaker::Mode::Off;
+        p.dedup = false;
+        p
     }
 
     /// Accepts connections until the drain signal; each connection runs in a task of its own

@@ -25,15 +25,24 @@ where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     t.route.wait_synced().await;
+    let connect_timeout = t.route.policy().connect_timeout.0;
     let mut tried: Vec<SocketAddr> = Vec::new();
     while tried.len() < MAX_CONNECT_ATTEMPTS {
-        let Some(ep) = t.route.pick(&tried) else {
+        let Some((ep, probe)) = t.route.pick_admitted(&tried) else {
             break;
         };
         let inflight = ep.start();
-        match ep.pool.connect_tcp().await {
+        let started = std::time::Instant::now();
+        let outcome = |success| crate::balance::Outcome {
+            success,
+            latency: started.elapsed(),
+            probe,
+        };
+        match ep.pool.connect_tcp(connect_timeout).await {
             Ok(server) => {
                 ep.connect_succeeded();
+                // For opaque TCP, a made connection is the success the breaker can see.
+                t.route.record(&ep, outcome(true));
                 // The connect time is a latency sample; the connection's lifetime is not.
                 drop(inflight);
                 let _conn = ep.hold();
@@ -43,6 +52,7 @@ where
             Err(error) => {
                 inflight.forget();
                 ep.connect_failed();
+                t.route.record(&ep, outcome(false));
                 t.metrics
                     .connect_errors
                     .with_label_values(&[&*t.service, &ep.addr.to_string()])
@@ -52,12 +62,14 @@ where
             }
         }
     }
-    if tried.is_empty() {
+    if tried.is_empty() && t.route.is_empty() {
         t.metrics
             .no_endpoints
             .with_label_values(&[t.direction.as_str(), &t.service, "tcp"])
             .inc();
         tracing::info!(service = %t.service, "no endpoints; closing the connection");
+    } else if tried.is_empty() {
+        tracing::info!(service = %t.service, "no available endpoint (all ejected); closing the connection");
     } else {
         tracing::info!(service = %t.service, "no reachable endpoint; closing the connection");
     }

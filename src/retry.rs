@@ -1,0 +1,1023 @@
+//! Retries: which outcomes are retried ([`RetryOn`]), which methods may be ([`is_idempotent`]),
+//! how long to wait ([`backoff`], [`retry_after`]), how many retries the proxy can afford
+//! ([`RetryBudget`]), and how a request body is kept so that it can be sent again
+//! ([`make_replayable`]).
+//!
+//! Everything here is pure logic with the clock passed in, so that it can be tested without
+//! sleeping; the proxy wires it into the forwarding loop.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+use crate::proxy::body::Body;
+
+/// The outcomes that are retried, besides connect failures, which always are: a request that
+/// never reached an endpoint cannot have been processed, so trying another is always safe.
+///
+/// The HTTP conditions (`5xx`, `gateway-error`, `reset`) are meant for idempotent methods only
+/// ([`is_idempotent`]): the endpoint may have acted on the request before it failed.
+/// `retriable-grpc` applies to any gRPC call (they are all POSTs), because a status from
+/// [`RETRIABLE_GRPC`] is the one gRPC reserves for "not done, try again"; see
+/// [`RetryOn::retries_response`], which applies these rules.
+///
+/// `Default` is [`RetryOn::DEFAULT_POLICY`], not "nothing".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryOn {
+    /// Any 5xx response. Off by default: a 500 is usually a bug that the next attempt hits too,
+    /// and retrying it only multiplies the load on a failing service.
+    pub server_error: bool,
+    /// 502, 503 and 504: the answers of gateways and overloaded or restarting servers, which
+    /// another endpoint (or the same one a moment later) often does not give.
+    pub gateway_error: bool,
+    /// The connection was reset, or failed in another way, after the request was sent.
+    pub reset: bool,
+    /// A `grpc-status` from [`RETRIABLE_GRPC`] in the response headers (a trailers-only
+    /// response: a status in real trailers comes after the body has been streamed to the
+    /// client, too late to retry).
+    pub retriable_grpc: bool,
+}
+
+/// The names [`RetryOn::parse`] accepts, for its error messages.
+const ACCEPTED: &str = "5xx, gateway-error, reset, connect-failure, retriable-grpc, none";
+
+impl RetryOn {
+    /// Retry nothing but connect failures.
+    pub const NONE: RetryOn = RetryOn {
+        server_error: false,
+        gateway_error: false,
+        reset: false,
+        retriable_grpc: false,
+    };
+
+    /// The default policy. Every condition in it means the request most likely was not
+    /// processed, or may be processed twice without harm: connect failures; gateway errors and
+    /// resets, for idempotent methods; gRPC UNAVAILABLE, which servers answer while shedding
+    /// load or shutting down (the same choice Istio makes by default). `5xx` is left out: a
+    /// plain 500 is rarely transient. The retry budget bounds what retries can add to the load
+    /// whatever the policy.
+    pub const DEFAULT_POLICY: &'static str = "connect-failure,gateway-error,reset,retriable-grpc";
+
+    /// [`RetryOn::DEFAULT_POLICY`], as a value (usable in constants).
+    pub const fn default_policy() -> RetryOn {
+        RetryOn {
+            server_error: false,
+            gateway_error: true,
+            reset: true,
+            retriable_grpc: true,
+        }
+    }
+
+    /// Parses a comma-separated list of `5xx`, `gateway-error`, `reset`, `connect-failure`
+    /// (accepted for familiarity; always on), `retriable-grpc`, or `none` alone. Names are
+    /// case-insensitive and may be surrounded by spaces. The error names the bad item and lists
+    /// the accepted ones.
+    pub fn parse(s: &str) -> Result<RetryOn, String> {
+        let mut on = RetryOn::NONE;
+        let mut none = false;
+        let mut others = false;
+        for item in s.split(',') {
+            let item = item.trim();
+            if item.is_empty() {
+                return Err(format!(
+                    "empty retry condition in {s:?} (accepted: {ACCEPTED})"
+                ));
+            }
+            if item.eq_ignore_ascii_case("none") {
+                none = true;
+                continue;
+            }
+            others = true;
+            if item.eq_ignore_ascii_case("5xx") {
+                on.server_error = true;
+            } else if item.eq_ignore_ascii_case("gateway-error") {
+                on.gateway_error = true;
+            } else if item.eq_ignore_ascii_case("reset") {
+                on.reset = true;
+            } else if item.eq_ignore_ascii_case("retriable-grpc") {
+                on.retriable_grpc = true;
+            } else if !item.eq_ignore_ascii_case("connect-failure") {
+                return Err(format!(
+                    "unknown retry condition {item:?} (accepted: {ACCEPTED})"
+                ));
+            }
+        }
+        if none && others {
+            return Err(format!(
+                "retry condition \"none\" cannot be combined with others in {s:?}"
+            ));
+        }
+        Ok(on)
+    }
+
+    /// Whether a response calls for another attempt of a request with this method: the HTTP
+    /// conditions only for idempotent methods, `retriable-grpc` for any.
+    pub fn retries_response(&self, method: &Method, status: StatusCode, h: &HeaderMap) -> bool {
+        if self.retriable_grpc && grpc_status(h).is_some_and(|s| RETRIABLE_GRPC.contains(&s)) {
+            return true;
+        }
+        if !is_idempotent(method) {
+            return false;
+        }
+        (self.server_error && status.is_server_error())
+            || (self.gateway_error && matches!(status.as_u16(), 502..=504))
+    }
+
+    /// Whether a request whose connection failed after it was sent may be tried again.
+    pub fn retries_reset(&self, method: &Method) -> bool {
+        self.reset && is_idempotent(method)
+    }
+}
+
+impl Default for RetryOn {
+    fn default() -> RetryOn {
+        RetryOn::default_policy()
+    }
+}
+
+impl FromStr for RetryOn {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<RetryOn, String> {
+        RetryOn::parse(s)
+    }
+}
+
+/// The canonical policy string, which [`RetryOn::parse`] reads back to the same value.
+impl fmt::Display for RetryOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("connect-failure")?;
+        for (on, name) in [
+            (self.server_error, "5xx"),
+            (self.gateway_error, "gateway-error"),
+            (self.reset, "reset"),
+            (self.retriable_grpc, "retriable-grpc"),
+        ] {
+            if on {
+                write!(f, ",{name}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The gRPC status codes worth another attempt: only UNAVAILABLE (14), which gRPC defines as
+/// transient and which servers answer when they did not process the call. DEADLINE_EXCEEDED
+/// (4) is not retried: the caller's deadline is spent, so another attempt could not finish in
+/// time. RESOURCE_EXHAUSTED (8) is not either: it is usually a quota, which retrying worsens.
+pub const RETRIABLE_GRPC: &[u16] = &[14];
+
+/// The `grpc-status` in a set of headers (a trailers-only response), if any and valid.
+pub fn grpc_status(h: &HeaderMap) -> Option<u16> {
+    std::str::from_utf8(h.get("grpc-status")?.as_bytes())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether a method is idempotent (RFC 9110 9.2.2): GET, HEAD, OPTIONS, TRACE, PUT, DELETE.
+/// Only requests with such a method may be sent again after the endpoint may have seen them.
+pub fn is_idempotent(m: &Method) -> bool {
+    *m == Method::GET
+        || *m == Method::HEAD
+        || *m == Method::OPTIONS
+        || *m == Method::TRACE
+        || *m == Method::PUT
+        || *m == Method::DELETE
+}
+
+/// Exponential backoff with full jitter: uniform in `[0, min(max, base * 2^attempt)]`, with
+/// `attempt` starting at 0. Full jitter (rather than a fixed or half-jittered delay) spreads
+/// the retries of many clients that failed together, so that they do not come back together.
+pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let ceiling = backoff_ceiling(attempt, base, max);
+    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(fastrand::u64(0..=nanos))
+}
+
+/// `min(max, base * 2^attempt)`, without overflowing.
+fn backoff_ceiling(attempt: u32, base: Duration, max: Duration) -> Duration {
+    1u32.checked_shl(attempt)
+        .and_then(|factor| base.checked_mul(factor))
+        .map_or(max, |d| d.min(max))
+}
+
+/// The delay a response asks for in `Retry-After` (RFC 9110 10.2.3), delta-seconds or an
+/// HTTP-date, at most `cap`; `None` when absent or invalid. A date in the past means no delay.
+/// The cap keeps a server from parking a request in the proxy for long; a delta-seconds too
+/// large for a `u64` is still a long delay, and is capped like one.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime, cap: Duration) -> Option<Duration> {
+    let v = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    let delay = if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        v.parse::<u64>().map_or(cap, Duration::from_secs)
+    } else {
+        let at = httpdate::parse_http_date(v).ok()?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(delay.min(cap))
+}
+
+/// Budget amounts are kept in millionths of a retry, so that a ratio like 0.2 adds up exactly.
+const UNITS_PER_RETRY: u64 = 1_000_000;
+
+/// The most per-second buckets a budget keeps (an hour's TTL).
+const MAX_BUCKETS: u64 = 3600;
+
+/// A retry budget like Finagle's and Linkerd's, so that retries cannot multiply the load on a
+/// failing service: each request deposits `ratio` of a retry, each retry withdraws one; besides,
+/// `min_per_sec` retries per second are always allowed, so that a service with little traffic
+/// can still retry. Deposits and withdrawals expire after `ttl` (kept in whole seconds: a deposit
+/// counts for between `ttl - 1s` and `ttl`), so that a burst of old traffic does not fund
+/// retries forever.
+///
+/// Thread-safe and cheap: a mutex over a ring of per-second buckets, one per second of the TTL;
+/// a deposit touches one bucket, a withdrawal sums them (10 by default).
+#[derive(Debug)]
+pub struct RetryBudget {
+    deposit: u64,
+    min_per_sec: u32,
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    /// The time of the first call: seconds are counted from it.
+    origin: Option<Instant>,
+    /// The latest second seen; time never goes back, even if callers' clocks race.
+    latest: u64,
+    buckets: Box<[Bucket]>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    /// The second since `origin` this bucket counts.
+    sec: u64,
+    /// Deposits, in units.
+    deposited: u64,
+    /// Withdrawals paid from deposits.
+    paid: u64,
+    /// Withdrawals from this second's free `min_per_sec`.
+    free: u32,
+}
+
+impl RetryBudget {
+    /// Linkerd's default ratio: retries may add 20% to the load.
+    pub const DEFAULT_RATIO: f64 = 0.2;
+    /// Linkerd's default floor.
+    pub const DEFAULT_MIN_PER_SEC: u32 = 10;
+    /// Linkerd's and Finagle's default TTL.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+
+    /// A budget where each request adds `ratio` retries (none if `ratio` is not a positive
+    /// number; at most 1000), `min_per_sec` retries per second come free, and both expire after
+    /// `ttl` (rounded up to whole seconds, at least 1, at most an hour).
+    pub fn new(ratio: f64, min_per_sec: u32, ttl: Duration) -> RetryBudget {
+        let deposit = if ratio > 0.0 {
+            (ratio.min(1000.0) * UNITS_PER_RETRY as f64).round() as u64
+        } else {
+            0
+        };
+        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let n = secs.clamp(1, MAX_BUCKETS) as usize;
+        RetryBudget {
+            deposit,
+            min_per_sec,
+            state: Mutex::new(BudgetState {
+                origin: None,
+                latest: 0,
+                buckets: vec![Bucket::default(); n].into_boxed_slice(),
+            }),
+        }
+    }
+
+    /// Records a request (an original one, not a retry).
+    pub fn deposit(&self, now: Instant) {
+        let mut st = self.lock();
+        let b = st.current(now);
+        b.deposited = b.deposited.saturating_add(self.deposit);
+    }
+
+    /// Takes one retry from the budget, if it has one: from this second's free allowance
+    /// first, then from the deposits. `false` means the retry must not be made.
+    pub fn try_withdraw(&self, now: Instant) -> bool {
+        let min_per_sec = self.min_per_sec;
+        let mut st = self.lock();
+        let cur = st.current(now);
+        if cur.free < min_per_sec {
+            cur.free += 1;
+            return true;
+        }
+        let (deposited, paid) = st.live().fold((0u64, 0u64), |(d, p), b| {
+            (d.saturating_add(b.deposited), p.saturating_add(b.paid))
+        });
+        let cost = paid.saturating_add(1).saturating_mul(UNITS_PER_RETRY);
+        if deposited < cost {
+            return false;
+        }
+        let cur = st.current(now);
+        cur.paid = cur.paid.saturating_add(1);
+        true
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        // The state is a set of counters, consistent after any panic: keep using it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Default for RetryBudget {
+    /// Linkerd's defaults: 20% of the traffic, 10 retries per second, over 10 seconds.
+    fn default() -> RetryBudget {
+        RetryBudget::new(
+            Self::DEFAULT_RATIO,
+            Self::DEFAULT_MIN_PER_SEC,
+            Self::DEFAULT_TTL,
+        )
+    }
+}
+
+impl BudgetState {
+    /// The bucket of the current second, emptied if it last counted an older one.
+    fn current(&mut self, now: Instant) -> &mut Bucket {
+        let origin = *self.origin.get_or_insert(now);
+        let sec = now
+            .saturating_duration_since(origin)
+            .as_secs()
+            .max(self.latest);
+        self.latest = sec;
+        // `buckets` is never empty (`new` makes at least one).
+        let n = self.buckets.len() as u64;
+        let b = &mut self.buckets[(sec % n) as usize];
+        if b.sec != sec {
+            *b = Bucket {
+                sec,
+                ..Bucket::default()
+            };
+        }
+        b
+    }
+
+    /// The buckets within the TTL of the latest second.
+    fn live(&self) -> impl Iterator<Item = &Bucket> {
+        let n = self.buckets.len() as u64;
+        let latest = self.latest;
+        self.buckets.iter().filter(move |b| b.sec + n > latest)
+    }
+}
+
+/// The most request body [`make_replayable`] keeps by default: enough for nearly every API
+/// call, little enough that buffering thousands of requests at once costs little.
+pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
+
+/// A request body, made replayable or not; see [`make_replayable`].
+#[derive(Debug)]
+pub enum Replay<B = Body> {
+    /// The whole body, which every attempt can send again ([`Buffered::body`]).
+    Replayable(Buffered),
+    /// A body too long to keep, or one that did not end in time: the bytes read so far followed
+    /// by the rest of the stream. It can be sent once; the request must not be retried after.
+    Streaming(PrefixedBody<B>),
+}
+
+/// A whole request body kept for retries: its bytes, and its trailers if it had any.
+#[derive(Debug, Clone, Default)]
+pub struct Buffered {
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl Buffered {
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    pub fn trailers(&self) -> Option<&HeaderMap> {
+        self.trailers.as_ref()
+    }
+
+    /// A body for one attempt. Cheap: the bytes are shared, not copied (trailers, rare in
+    /// requests, are cloned). Without trailers, `Body::full(self.data().clone())` does as well.
+    pub fn body(&self) -> PrefixedBody {
+        PrefixedBody {
+            head: nonempty(self.data.clone()),
+            overflow: None,
+            trailers: self.trailers.clone(),
+            rest: None,
+        }
+    }
+}
+
+/// A body made of bytes already read and the rest of a stream: what a request body becomes
+/// once [`make_replayable`] has read part of it, so that nothing read is lost. It also serves as
+/// one attempt's body of a [`Buffered`] one (then with no stream, and perhaps with trailers).
+#[derive(Debug)]
+pub struct PrefixedBody<B = Body> {
+    /// Bytes read before the limit was crossed (or the wait given up).
+    head: Option<Bytes>,
+    /// The frame that crossed the limit, kept as it came rather than copied into `head`.
+    overflow: Option<Bytes>,
+    /// Trailers to send after `head`, when there is no `rest`.
+    trailers: Option<HeaderMap>,
+    rest: Option<B>,
+}
+
+impl<B> PrefixedBody<B> {
+    /// `prefix` (possibly empty) followed by `rest`.
+    pub fn new(prefix: Bytes, rest: B) -> PrefixedBody<B> {
+        PrefixedBody {
+            head: nonempty(prefix),
+            overflow: None,
+            trailers: None,
+            rest: Some(rest),
+        }
+    }
+
+    /// How many bytes come before the rest of the stream.
+    pub fn prefix_len(&self) -> usize {
+        self.head.as_ref().map_or(0, Bytes::len) + self.overflow.as_ref().map_or(0, Bytes::len)
+    }
+}
+
+impl<B> HttpBody for PrefixedBody<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        if let Some(b) = this.head.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        if let Some(b) = this.overflow.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        match &mut this.rest {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_none()
+            && self.overflow.is_none()
+            && match &self.rest {
+                Some(rest) => rest.is_end_stream(),
+                None => self.trailers.is_none(),
+            }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let prefix = self.prefix_len() as u64;
+        match &self.rest {
+            Some(rest) => {
+                let h = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(h.lower().saturating_add(prefix));
+                if let Some(upper) = h.upper() {
+                    hint.set_upper(upper.saturating_add(prefix));
+                }
+                hint
+            }
+            None => SizeHint::with_exact(prefix),
+        }
+    }
+}
+
+fn nonempty(b: Bytes) -> Option<Bytes> {
+    (!b.is_empty()).then_some(b)
+}
+
+/// Makes a request body replayable for retries: reads it whole if it ends within `limit` bytes
+/// ([`DEFAULT_REPLAY_LIMIT`] is a sensible one), so that every attempt can send it again. A
+/// longer body (or one whose size hint already says so, without reading it) is not replayable:
+/// the result replays the bytes read so far followed by the rest of the stream, so nothing is
+/// lost, and the request must not be retried after it is sent. Trailers that come within the
+/// limit are kept and replayed.
+///
+/// This waits for the client to send up to `limit` bytes or end its body. A client that sends
+/// a little and then waits for the response before sending more (a bidirectional gRPC stream)
+/// would wait forever: use [`make_replayable_until`] with a deadline where that can happen.
+/// An error reading the body is returned as is (the client's request is broken anyway).
+pub async fn make_replayable<B>(body: B, limit: usize) -> Result<Replay<B>, B::Error>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    make_replayable_until(body, limit, std::future::pending()).await
+}
+
+/// [`make_replayable`], giving up when `give_up` completes (a `tokio::time::sleep`, say): then
+/// the body is [`Replay::Streaming`], with what was read so far. A frame that is ready is
+/// always taken before giving up.
+pub async fn make_replayable_until<B, F>(
+    mut body: B,
+    limit: usize,
+    give_up: F,
+) -> Result<Replay<B>, B::Error>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    F: Future<Output = ()>,
+{
+    if body.is_end_stream() {
+        return Ok(Replay::Replayable(Buffered::default()));
+    }
+    if body.size_hint().lower() > limit as u64 {
+        return Ok(Replay::Streaming(PrefixedBody::new(Bytes::new(), body)));
+    }
+    let mut give_up = pin!(give_up);
+    let mut buf = Accumulator::default();
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+                return Poll::Ready(Some(frame));
+            }
+            give_up.as_mut().poll(cx).map(|()| None)
+        })
+        .await;
+        let frame = match next {
+            None => return Ok(Replay::Streaming(buf.streaming(None, body))),
+            Some(None) => return Ok(Replay::Replayable(buf.finish(None))),
+            Some(Some(Err(e))) => return Err(e),
+            Some(Some(Ok(frame))) => frame,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                if buf.len.saturating_add(data.len()) > limit {
+                    return Ok(Replay::Streaming(buf.streaming(Some(data), body)));
+                }
+                buf.push(data, body.size_hint().lower(), limit);
+            }
+            // Trailers end a body.
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    return Ok(Replay::Replayable(buf.finish(Some(trailers))));
+                }
+                // http-body has no other kind of frame.
+            }
+        }
+        if body.is_end_stream() {
+            return Ok(Replay::Replayable(buf.finish(None)));
+        }
+    }
+}
+
+/// The bytes of a body read so far. The first chunk is kept as is, so that the common body of
+/// one frame is never copied; later chunks are gathered into one buffer (at most `limit`).
+#[derive(Default)]
+struct Accumulator {
+    first: Option<Bytes>,
+    more: BytesMut,
+    len: usize,
+}
+
+impl Accumulator {
+    fn push(&mut self, data: Bytes, hint: u64, limit: usize) {
+        if data.is_empty() {
+            return;
+        }
+        self.len += data.len();
+        if self.len == data.len() {
+            self.first = Some(data);
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            let expected = usize::try_from(hint).unwrap_or(usize::MAX);
+            self.more
+                .reserve(self.len.saturating_add(expected).min(limit));
+            self.more.extend_from_slice(&first);
+        }
+        self.more.extend_from_slice(&data);
+    }
+
+    fn bytes(self) -> Bytes {
+        match self.first {
+            Some(first) => first,
+            None => self.more.freeze(),
+        }
+    }
+
+    fn finish(self, trailers: Option<HeaderMap>) -> Buffered {
+        Buffered {
+            data: self.bytes(),
+            trailers,
+        }
+    }
+
+    fn streaming<B>(self, overflow: Option<Bytes>, rest: B) -> PrefixedBody<B> {
+        PrefixedBody {
+            head: nonempty(self.bytes()),
+            overflow: overflow.and_then(nonempty),
+            trailers: None,
+            rest: Some(rest),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use http_body_util::{BodyExt, StreamBody};
+
+    type Item = Result<Frame<Bytes>, hyper::Error>;
+    type Frames = Vec<Item>;
+    type TestBody = StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Item>>>;
+
+    /// A body of the given frames, with no size hint (like a chunked or HTTP/2 request).
+    fn stream(frames: Frames) -> TestBody {
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    fn data(b: &'static [u8]) -> Item {
+        Ok(Frame::data(Bytes::from_static(b)))
+    }
+
+    async fn collect<B>(b: B) -> (Bytes, Option<HeaderMap>)
+    where
+        B: HttpBody<Data = Bytes>,
+        B::Error: fmt::Debug,
+    {
+        let c = b.collect().await.expect("body");
+        let trailers = c.trailers().cloned();
+        (c.to_bytes(), trailers)
+    }
+
+    fn trailers() -> HeaderMap {
+        let mut t = HeaderMap::new();
+        t.insert("x-checksum", HeaderValue::from_static("abc"));
+        t
+    }
+
+    #[test]
+    fn parse_policies() {
+        assert_eq!(RetryOn::parse("none"), Ok(RetryOn::NONE));
+        assert_eq!(RetryOn::parse("connect-failure"), Ok(RetryOn::NONE));
+        assert_eq!(
+            RetryOn::parse(" 5xx , Reset"),
+            Ok(RetryOn {
+                server_error: true,
+                reset: true,
+                ..RetryOn::NONE
+            })
+        );
+        assert_eq!(
+            RetryOn::parse(RetryOn::DEFAULT_POLICY),
+            Ok(RetryOn::default())
+        );
+        assert_eq!(RetryOn::default(), RetryOn::default_policy());
+        for on in [
+            RetryOn::NONE,
+            RetryOn::default(),
+            RetryOn::parse("5xx,retriable-grpc").unwrap(),
+        ] {
+            assert_eq!(RetryOn::parse(&on.to_string()), Ok(on));
+        }
+        assert_eq!(
+            "gateway-error".parse::<RetryOn>().map(|r| r.gateway_error),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn parse_errors_name_the_item_and_the_accepted_ones() {
+        let e = RetryOn::parse("5xx,gateway-eror").unwrap_err();
+        assert!(e.contains("\"gateway-eror\""), "{e}");
+        assert!(e.contains(ACCEPTED), "{e}");
+        let e = RetryOn::parse("5xx,,reset").unwrap_err();
+        assert!(e.contains("empty"), "{e}");
+        assert!(RetryOn::parse("").is_err());
+        let e = RetryOn::parse("none,reset").unwrap_err();
+        assert!(e.contains("none"), "{e}");
+    }
+
+    #[test]
+    fn responses_are_retried_per_policy_and_method() {
+        let h = HeaderMap::new();
+        let on = RetryOn::default();
+        assert!(on.retries_response(&Method::GET, StatusCode::SERVICE_UNAVAILABLE, &h));
+        assert!(on.retries_response(&Method::PUT, StatusCode::GATEWAY_TIMEOUT, &h));
+        assert!(!on.retries_response(&Method::GET, StatusCode::INTERNAL_SERVER_ERROR, &h));
+        assert!(!on.retries_response(&Method::POST, StatusCode::SERVICE_UNAVAILABLE, &h));
+        assert!(!on.retries_response(&Method::GET, StatusCode::OK, &h));
+        let all5 = RetryOn::parse("5xx").unwrap();
+        assert!(all5.retries_response(&Method::GET, StatusCode::INTERNAL_SERVER_ERROR, &h));
+        assert!(!all5.retries_response(&Method::GET, StatusCode::TOO_MANY_REQUESTS, &h));
+
+        let mut g = HeaderMap::new();
+        g.insert("grpc-status", HeaderValue::from_static("14"));
+        assert!(on.retries_response(&Method::POST, StatusCode::OK, &g));
+        assert!(!RetryOn::NONE.retries_response(&Method::POST, StatusCode::OK, &g));
+        g.insert("grpc-status", HeaderValue::from_static("4"));
+        assert!(!on.retries_response(&Method::POST, StatusCode::OK, &g));
+        g.insert("grpc-status", HeaderValue::from_static("x"));
+        assert!(!on.retries_response(&Method::POST, StatusCode::OK, &g));
+
+        assert!(on.retries_reset(&Method::DELETE));
+        assert!(!on.retries_reset(&Method::POST));
+        assert!(!RetryOn::NONE.retries_reset(&Method::GET));
+    }
+
+    #[test]
+    fn idempotent_methods() {
+        for m in ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"] {
+            assert!(is_idempotent(&m.parse().unwrap()), "{m}");
+        }
+        for m in ["POST", "PATCH", "CONNECT", "PURGE"] {
+            assert!(!is_idempotent(&m.parse().unwrap()), "{m}");
+        }
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_capped() {
+        let base = Duration::from_millis(25);
+        let max = Duration::from_secs(1);
+        assert_eq!(backoff_ceiling(0, base, max), base);
+        assert_eq!(backoff_ceiling(3, base, max), Duration::from_millis(200));
+        assert_eq!(backoff_ceiling(6, base, max), max);
+        assert_eq!(backoff_ceiling(31, base, max), max);
+        assert_eq!(backoff_ceiling(32, base, max), max);
+        assert_eq!(backoff_ceiling(u32::MAX, Duration::MAX, max), max);
+        for attempt in [0, 1, 2, 5, 10, 64, u32::MAX] {
+            let ceiling = backoff_ceiling(attempt, base, max);
+            for _ in 0..200 {
+                assert!(backoff(attempt, base, max) <= ceiling);
+            }
+        }
+        // Jittered: not always the same delay.
+        let first = backoff(4, base, max);
+        assert!((0..100).any(|_| backoff(4, base, max) != first));
+        assert_eq!(backoff(3, Duration::ZERO, max), Duration::ZERO);
+    }
+
+    #[test]
+    fn retry_after_seconds_dates_and_cap() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let cap = Duration::from_secs(30);
+        let ra = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(v));
+            retry_after(&h, now, cap)
+        };
+        assert_eq!(retry_after(&HeaderMap::new(), now, cap), None);
+        assert_eq!(ra("5"), Some(Duration::from_secs(5)));
+        assert_eq!(ra(" 0 "), Some(Duration::ZERO));
+        assert_eq!(ra("120"), Some(cap));
+        assert_eq!(ra("99999999999999999999999"), Some(cap));
+        let in_10s = httpdate::fmt_http_date(now + Duration::from_secs(10));
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_str(&in_10s).unwrap(),
+        );
+        assert_eq!(retry_after(&h, now, cap), Some(Duration::from_secs(10)));
+        assert_eq!(
+            retry_after(&h, now, Duration::from_secs(3)),
+            Some(Duration::from_secs(3))
+        );
+        // A date in the past: no wait.
+        assert_eq!(ra("Sun, 06 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO));
+        assert_eq!(ra("-5"), None);
+        assert_eq!(ra("1.5"), None);
+        assert_eq!(ra("soon"), None);
+        assert_eq!(ra(""), None);
+    }
+
+    #[test]
+    fn budget_allows_ratio_of_requests_plus_floor() {
+        let t0 = Instant::now();
+        let b = RetryBudget::new(0.2, 0, Duration::from_secs(10));
+        assert!(!b.try_withdraw(t0));
+        for _ in 0..100 {
+            b.deposit(t0);
+        }
+        let allowed = (0..100).filter(|_| b.try_withdraw(t0)).count();
+        assert_eq!(allowed, 20);
+
+        let b = RetryBudget::new(0.2, 5, Duration::from_secs(10));
+        for _ in 0..100 {
+            b.deposit(t0);
+        }
+        assert_eq!((0..100).filter(|_| b.try_withdraw(t0)).count(), 25);
+        // The floor comes back every second; the deposits are spent.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!((0..100).filter(|_| b.try_withdraw(t1)).count(), 5);
+        // New traffic funds new retries.
+        for _ in 0..10 {
+            b.deposit(t1);
+        }
+        assert!(b.try_withdraw(t1));
+        assert!(b.try_withdraw(t1));
+        assert!(!b.try_withdraw(t1));
+    }
+
+    #[test]
+    fn budget_deposits_expire_after_ttl() {
+        let t0 = Instant::now();
+        let b = RetryBudget::new(0.5, 1, Duration::from_secs(10));
+        for _ in 0..10 {
+            b.deposit(t0);
+        }
+        // Still there just before the TTL: 1 free + 5 paid.
+        let almost = t0 + Duration::from_millis(9_999);
+        assert_eq!((0..100).filter(|_| b.try_withdraw(almost)).count(), 6);
+
+        let b = RetryBudget::new(0.5, 1, Duration::from_secs(10));
+        for _ in 0..10 {
+            b.deposit(t0);
+        }
+        // Gone at the TTL: only the floor is left.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!((0..100).filter(|_| b.try_withdraw(later)).count(), 1);
+        // And long after, the ring has wrapped many times.
+        let much_later = t0 + Duration::from_secs(1234);
+        assert_eq!((0..100).filter(|_| b.try_withdraw(much_later)).count(), 1);
+    }
+
+    #[test]
+    fn budget_withdrawals_expire_too_and_clock_never_goes_back() {
+        let t0 = Instant::now();
+        let b = RetryBudget::new(1.0, 0, Duration::from_secs(2));
+        b.deposit(t0);
+        assert!(b.try_withdraw(t0));
+        assert!(!b.try_withdraw(t0));
+        let t1 = t0 + Duration::from_secs(1);
+        b.deposit(t1);
+        assert!(b.try_withdraw(t1));
+        // An older `now` from a racing caller counts as the latest second.
+        assert!(!b.try_withdraw(t0));
+        // At t0 + 2s the first deposit and withdrawal expired; the second pair is still live.
+        let t2 = t0 + Duration::from_secs(2);
+        assert!(!b.try_withdraw(t2));
+        b.deposit(t2);
+        assert!(b.try_withdraw(t2));
+    }
+
+    #[test]
+    fn budget_odd_parameters() {
+        let t0 = Instant::now();
+        for ratio in [f64::NAN, -1.0, 0.0] {
+            let b = RetryBudget::new(ratio, 0, Duration::ZERO);
+            b.deposit(t0);
+            assert!(!b.try_withdraw(t0));
+        }
+        let b = RetryBudget::new(f64::INFINITY, 0, Duration::from_millis(1500));
+        b.deposit(t0);
+        assert!(b.try_withdraw(t0));
+        let d = RetryBudget::default();
+        assert!(d.try_withdraw(t0));
+    }
+
+    #[tokio::test]
+    async fn small_body_replays_identically() {
+        let Ok(Replay::Replayable(buf)) = make_replayable(Body::full("hello world"), 64).await
+        else {
+            panic!("not replayable");
+        };
+        assert_eq!(buf.data(), "hello world");
+        for _ in 0..2 {
+            assert_eq!(
+                collect(buf.body()).await,
+                (Bytes::from("hello world"), None)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn multi_frame_body_with_trailers_replays() {
+        let frames = vec![
+            data(b"abc"),
+            data(b""),
+            data(b"def"),
+            data(b"gh"),
+            Ok(Frame::trailers(trailers())),
+        ];
+        let Ok(Replay::Replayable(buf)) = make_replayable(stream(frames), 8).await else {
+            panic!("not replayable");
+        };
+        assert_eq!(buf.trailers(), Some(&trailers()));
+        for _ in 0..2 {
+            let body = buf.body();
+            assert_eq!(body.size_hint().exact(), Some(8));
+            assert_eq!(
+                collect(body).await,
+                (Bytes::from("abcdefgh"), Some(trailers()))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn body_exactly_at_limit_is_replayable() {
+        let Ok(Replay::Replayable(buf)) = make_replayable(Body::full(vec![7u8; 64]), 64).await
+        else {
+            panic!("not replayable");
+        };
+        assert_eq!(buf.data().len(), 64);
+
+        let frames = vec![data(b"1234"), data(b"5678")];
+        let Ok(Replay::Replayable(buf)) = make_replayable(stream(frames), 8).await else {
+            panic!("not replayable");
+        };
+        assert_eq!(buf.data(), "12345678");
+    }
+
+    #[tokio::test]
+    async fn body_over_limit_streams_every_byte_in_order() {
+        let frames = vec![
+            data(b"1234"),
+            data(b"5678"),
+            data(b"9"),
+            data(b"abc"),
+            Ok(Frame::trailers(trailers())),
+        ];
+        let Ok(Replay::Streaming(body)) = make_replayable(stream(frames), 8).await else {
+            panic!("replayable");
+        };
+        assert_eq!(body.prefix_len(), 9);
+        assert_eq!(
+            collect(body).await,
+            (Bytes::from("123456789abc"), Some(trailers()))
+        );
+
+        // One frame over the limit.
+        let frames = vec![data(b"123456789")];
+        let Ok(Replay::Streaming(body)) = make_replayable(stream(frames), 8).await else {
+            panic!("replayable");
+        };
+        assert_eq!(collect(body).await.0, "123456789");
+
+        // Known to be too long: not read at all.
+        let big = vec![1u8; 100];
+        let Ok(Replay::Streaming(body)) = make_replayable(Body::full(big.clone()), 99).await else {
+            panic!("replayable");
+        };
+        assert_eq!(body.prefix_len(), 0);
+        assert_eq!(body.size_hint().exact(), Some(100));
+        assert_eq!(collect(body).await.0, big);
+    }
+
+    #[tokio::test]
+    async fn empty_bodies_are_replayable() {
+        let Ok(Replay::Replayable(buf)) = make_replayable(Body::empty(), 64).await else {
+            panic!("not replayable");
+        };
+        assert!(buf.data().is_empty() && buf.trailers().is_none());
+        let body = buf.body();
+        assert!(body.is_end_stream());
+        assert_eq!(collect(body).await, (Bytes::new(), None));
+
+        let Ok(Replay::Replayable(buf)) = make_replayable(stream(vec![]), 0).await else {
+            panic!("not replayable");
+        };
+        assert!(buf.data().is_empty());
+    }
+
+    #[tokio::test]
+    async fn giving_up_keeps_what_was_read() {
+        // A client that sends one message and waits (a bidirectional stream).
+        let waits = || {
+            StreamBody::new(futures_util::StreamExt::chain(
+                futures_util::stream::iter(vec![data(b"hello")]),
+                futures_util::stream::pending(),
+            ))
+        };
+        let Ok(Replay::Streaming(mut body)) =
+            make_replayable_until(waits(), 64, std::future::ready(())).await
+        else {
+            panic!("replayable");
+        };
+        assert_eq!(body.prefix_len(), 5);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "hello");
+        assert!(!body.is_end_stream());
+
+        // A body that ends in time is buffered even with a deadline.
+        let frames = vec![data(b"a"), data(b"b")];
+        let r = make_replayable_until(stream(frames), 64, std::future::ready(())).await;
+        assert!(matches!(r, Ok(Replay::Replayable(b)) if b.data() == "ab"));
+    }
+
+    #[tokio::test]
+    async fn read_errors_are_returned() {
+        let frames: Vec<Result<Frame<Bytes>, &str>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"ab"))), Err("reset")];
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        assert!(matches!(make_replayable(body, 64).await, Err("reset")));
+    }
+}
