@@ -126,8 +126,9 @@ policy! {
     dedup: bool = false, "dedup";
     /// Methods that may be deduplicated.
     dedup_methods: Methods = Methods(vec![http::Method::GET, http::Method::HEAD]), "dedup-methods";
-    /// Headers whose values join the key (Authorization and Cookie always do).
-    dedup_headers: HeaderNames = HeaderNames(Vec::new()), "dedup-headers";
+    /// Headers whose values join the key besides those that always do (credentials, cookies,
+    /// encodings, ranges, conditionals).
+    dedup_headers: HeaderNames = HeaderNames(vec![http::header::ACCEPT, http::header::ACCEPT_LANGUAGE]), "dedup-headers";
     /// Larger responses are not shared: each waiter goes upstream on its own.
     dedup_max_body: ByteSize = ByteSize(1 << 20), "dedup-max-body";
     /// A waiter waits this long for the leader's answer, then goes on its own.

@@ -281,8 +281,9 @@ async fn send(
                 ep.connect_succeeded();
                 drop(inflight);
                 let status = rsp.status();
-                let failure =
-                    failure_class(p).is_failure(status, retry::grpc_status(rsp.headers()));
+                let failure = r
+                    .failures
+                    .is_failure(status, retry::grpc_status(rsp.headers()));
                 record(t, &ep, !failure, started, probe);
                 if failure && p.retry_on.retries_response(&method, status, rsp.headers()) {
                     match may_send_again(t, r, &replay, retries, rsp.headers()) {
@@ -397,13 +398,6 @@ fn count_skipped(t: &Target, reason: &str) {
         .retries_skipped
         .with_label_values(&[&t.service, reason])
         .inc();
-}
-
-fn failure_class(p: &crate::policy::Policy) -> crate::breaker::FailureClass {
-    crate::breaker::FailureClass {
-        http: p.failure_statuses.0,
-        grpc: p.failure_grpc.0.clone(),
-    }
 }
 
 /// Records an outcome on the endpoint's breaker and shows a state change in the metrics.

@@ -142,6 +142,8 @@ pub struct Resilience {
     pub policy: Arc<Policy>,
     pub budget: crate::retry::RetryBudget,
     pub dedup: Option<crate::dedup::Dedup>,
+    /// What counts as a failure for the breaker.
+    pub failures: crate::breaker::FailureClass,
 }
 
 impl Target {
@@ -198,6 +200,10 @@ impl Target {
                 Duration::from_secs(10),
             ),
             dedup,
+            failures: crate::breaker::FailureClass {
+                http: policy.failure_statuses.0,
+                grpc: policy.failure_grpc.0.clone(),
+            },
             policy,
         });
         *slot = Some(r.clone());
