@@ -203,8 +203,14 @@ impl Endpoint {
         self.epoch.elapsed().as_nanos() as u64
     }
 
+    /// Not backing off after a failed connect, or ejected by the breaker with its probe due:
+    /// once the breaker has taken an endpoint out, the breaker's (configured) backoff decides
+    /// when it is tried again. The connect backoff (up to 10 s) would otherwise keep p2c from
+    /// ever choosing it for its probe while another endpoint is available, and an endpoint back
+    /// from a crash would stay out for up to 10 s whatever `breaker_backoff_max` says.
     fn available(&self) -> bool {
         self.skip_until_ns.load(Ordering::Acquire) <= self.now_ns()
+            || self.breaker().state(Instant::now()) == breaker::State::HalfOpen
     }
 
     /// Records a failed connect: skip this endpoint for 100 ms doubling to 10 s.
@@ -641,5 +647,28 @@ mod tests {
         }
         bad.connect_succeeded();
         assert!(bad.available());
+    }
+
+    #[test]
+    fn a_due_probe_is_not_held_back_by_the_connect_backoff() {
+        let b = balancer(2);
+        let eps = b.endpoints();
+        let bad = eps[&SocketAddr::from(([127, 0, 0, 1], 1000))].clone();
+        // Refused connects put it in connect backoff (10 s after 7)...
+        for _ in 0..7 {
+            bad.connect_failed();
+        }
+        // ... and got it ejected by the breaker two seconds ago, for about 1 s: its probe is due.
+        let then = Instant::now() - Duration::from_secs(2);
+        for _ in 0..7 {
+            bad.breaker()
+                .record(then, false, Duration::ZERO, false, true, None);
+        }
+        assert!(!bad.is_ejected(Instant::now()));
+        let probed = (0..200)
+            .filter_map(|_| b.pick_admitted(&[]))
+            .filter(|(e, probe)| e.addr == bad.addr && *probe)
+            .count();
+        assert_eq!(probed, 1, "exactly one probe, despite the connect backoff");
     }
 }
