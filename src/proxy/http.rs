@@ -288,14 +288,10 @@ async fn send(
                 if failure && p.retry_on.retries_response(&method, status, rsp.headers()) {
                     match may_send_again(t, r, &replay, retries, rsp.headers()) {
                         Ok(wait) => {
+                            drop(rsp);
                             retries += 1;
                             tried.push(ep.addr);
-                            count_retry(t, "status");
-                            drop(rsp);
-                            tokio::time::sleep(wait).await;
-                            next = replay
-                                .as_ref()
-                                .map(|(tpl, b)| tpl.build(Body::prefixed(b.body())));
+                            next = again(t, wait, &replay, "status").await;
                             continue;
                         }
                         Err(reason) => count_skipped(t, reason),
@@ -338,11 +334,7 @@ async fn send(
                         Ok(wait) => {
                             retries += 1;
                             tried.push(ep.addr);
-                            count_retry(t, "reset");
-                            tokio::time::sleep(wait).await;
-                            next = replay
-                                .as_ref()
-                                .map(|(tpl, b)| tpl.build(Body::prefixed(b.body())));
+                            next = again(t, wait, &replay, "reset").await;
                             continue;
                         }
                         Err(reason) => count_skipped(t, reason),
@@ -384,6 +376,20 @@ fn may_send_again(
         return Err("budget");
     }
     Ok(wait)
+}
+
+/// Counts a retry, waits its backoff, and rebuilds the request from its kept head and body.
+async fn again(
+    t: &Target,
+    wait: Duration,
+    replay: &Option<(Template, retry::Buffered)>,
+    reason: &str,
+) -> Option<Request<Body>> {
+    count_retry(t, reason);
+    tokio::time::sleep(wait).await;
+    replay
+        .as_ref()
+        .map(|(tpl, b)| tpl.build(Body::prefixed(b.body())))
 }
 
 fn count_retry(t: &Target, reason: &str) {

@@ -436,17 +436,32 @@ impl Proxy {
         tracing::warn!(%dst, "refusing a connection to meshlet's own listener (redirect loop?)");
     }
 
-    async fn outbound(&self, stream: TcpStream, local: SocketAddr) {
-        let dst = match crate::socket::original_dst(&stream) {
-            Ok(d) => d,
+    /// The original destination of a redirected connection; `None` (logged and counted) when
+    /// it cannot be read or is this very listener.
+    fn original_dst(
+        &self,
+        stream: &TcpStream,
+        local: SocketAddr,
+        d: Direction,
+    ) -> Option<SocketAddr> {
+        let dst = match crate::socket::original_dst(stream) {
+            Ok(dst) => dst,
             Err(error) => {
                 tracing::warn!(%error, "cannot read the original destination");
-                return;
+                return None;
             }
         };
         if Self::is_own_listener(dst, local) {
-            return self.refuse_loop(Direction::Outbound, dst);
+            self.refuse_loop(d, dst);
+            return None;
         }
+        Some(dst)
+    }
+
+    async fn outbound(&self, stream: TcpStream, local: SocketAddr) {
+        let Some(dst) = self.original_dst(&stream, local, Direction::Outbound) else {
+            return;
+        };
         match self.resolver.lookup(dst) {
             Some(svc) => {
                 let t = self.service(&svc);
@@ -462,16 +477,9 @@ impl Proxy {
     }
 
     async fn inbound(&self, stream: TcpStream, local: SocketAddr) {
-        let dst = match crate::socket::original_dst(&stream) {
-            Ok(d) => d,
-            Err(error) => {
-                tracing::warn!(%error, "cannot read the original destination");
-                return;
-            }
+        let Some(dst) = self.original_dst(&stream, local, Direction::Inbound) else {
+            return;
         };
-        if Self::is_own_listener(dst, local) {
-            return self.refuse_loop(Direction::Inbound, dst);
-        }
         let t = self.inbound_target(dst.port());
         self.detect_and_proxy(stream, &t, Some(dst.port())).await
     }
