@@ -9,9 +9,20 @@
 //!
 //! `CALL=<url>` makes it also act as a client: `GET /call` requests that URL (host:port/path)
 //! and returns the answer, so a test can show an app's outbound calls going through its sidecar.
+//!
+//! Knobs for resilience tests (they never touch `/healthz`, so the pod stays Ready, nor `/hits`):
+//! - `FAIL_STATUS=<code>` answers every request with that status (an endpoint always failing
+//!   while its readiness probe passes);
+//! - `DELAY_MS=<ms>` delays every answer by that long;
+//! - `/hits` answers (body) how many requests the pod has served on all its ports, not counting
+//!   `/healthz` and `/hits`; every other answer carries `x-hits: <n>`, its own number in that
+//!   count (1 for the first), so identical answers show one upstream request shared.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -55,6 +66,23 @@ async fn main() {
         .to_string();
     let listen = std::env::var("LISTEN").unwrap_or_else(|_| ":8080".into());
     let call_url = std::env::var("CALL").ok();
+    let fail_status: Option<u16> = std::env::var("FAIL_STATUS").ok().map(|v| {
+        v.trim()
+            .parse()
+            .ok()
+            .filter(|s| http::StatusCode::from_u16(*s).is_ok())
+            .unwrap_or_else(|| {
+                eprintln!("e2e-app: FAIL_STATUS={v:?} is not an HTTP status");
+                std::process::exit(1)
+            })
+    });
+    let delay = std::env::var("DELAY_MS").ok().map(|v| {
+        Duration::from_millis(v.trim().parse().unwrap_or_else(|_| {
+            eprintln!("e2e-app: DELAY_MS={v:?} is not a number of milliseconds");
+            std::process::exit(1)
+        }))
+    });
+    let hits = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for spec in listen.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let addr: SocketAddr = if let Some(port) = spec.strip_prefix(':') {
@@ -67,29 +95,42 @@ async fn main() {
             std::process::exit(1)
         });
         eprintln!("e2e-app {name}: listening on {addr}");
-        let (name, call_url) = (name.clone(), call_url.clone());
+        let (name, call_url, hits) = (name.clone(), call_url.clone(), hits.clone());
         tasks.push(tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (name, call_url) = (name.clone(), call_url.clone());
+                let (name, call_url, hits) = (name.clone(), call_url.clone(), hits.clone());
                 let port = addr.port();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (name, call_url) = (name.clone(), call_url.clone());
+                        let (name, call_url, hits) = (name.clone(), call_url.clone(), hits.clone());
                         async move {
-                            let (status, body) = match (req.uri().path(), &call_url) {
-                                ("/healthz", _) => (200, "ok".to_string()),
-                                ("/call", Some(url)) => match call(url).await {
+                            let path = req.uri().path();
+                            let mut hit = None;
+                            if path != "/healthz" && path != "/hits" {
+                                hit = Some(hits.fetch_add(1, Ordering::SeqCst) + 1);
+                                if let Some(d) = delay {
+                                    tokio::time::sleep(d).await;
+                                }
+                            }
+                            let (status, body) = match (path, &call_url, fail_status) {
+                                ("/healthz", _, _) => (200, "ok".to_string()),
+                                ("/hits", _, _) => (200, hits.load(Ordering::SeqCst).to_string()),
+                                (_, _, Some(s)) => (s, format!("{name}:{port} failing")),
+                                ("/call", Some(url), None) => match call(url).await {
                                     Ok(r) => r,
                                     Err(e) => (599, format!("call failed: {e}")),
                                 },
                                 _ => (200, format!("{name}:{port}")),
                             };
+                            let mut rsp = http::Response::builder()
+                                .status(status)
+                                .header("x-pod", name.as_str())
+                                .header("x-port", port.to_string());
+                            if let Some(n) = hit {
+                                rsp = rsp.header("x-hits", n.to_string());
+                            }
                             Ok::<_, Infallible>(
-                                http::Response::builder()
-                                    .status(status)
-                                    .header("x-pod", name.as_str())
-                                    .header("x-port", port.to_string())
-                                    .body(Full::new(Bytes::from(body)))
+                                rsp.body(Full::new(Bytes::from(body)))
                                     .expect("valid response"),
                             )
                         }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use harness::{Cluster, wait_for};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde::Deserialize;
 use serde_json::json;
@@ -421,6 +421,394 @@ async fn named_ports_two_ports_and_headless(ctx: &Ctx) -> TestResult {
     Ok(())
 }
 
+/// `service()` with `meshlet.dev/*` (or any) annotations on the Service.
+fn annotated_service(
+    name: &str,
+    app: &str,
+    ports: &[(u16, &str, serde_json::Value)],
+    annotations: serde_json::Value,
+) -> serde_json::Value {
+    let mut svc = service(name, app, ports, false);
+    svc["metadata"]["annotations"] = annotations;
+    svc
+}
+
+/// `app_pod()` with extra environment variables (the e2e app's FAIL_STATUS, DELAY_MS, ...).
+fn app_pod_env(
+    name: &str,
+    app: &str,
+    ports: &[(u16, &str)],
+    env: &[(&str, &str)],
+) -> serde_json::Value {
+    let mut pod = app_pod(name, app, ports);
+    let vars = pod["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .expect("app_pod has env");
+    for (k, v) in env {
+        vars.push(json!({"name": k, "value": v}));
+    }
+    pod
+}
+
+/// A sample's value from Prometheus text: the metric `name` whose labels include all of
+/// `labels` (in whatever order the encoder writes them).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            let set = l.split_once('{').and_then(|(_, r)| r.rsplit_once('}'));
+            set.is_some_and(|(set, _)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| set.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+            })
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// How many requests a pod has served (the e2e app's `/hits`, asked directly at its pod IP on
+/// port 8080, not through meshlet).
+async fn pod_hits(ctx: &Ctx, ns: &str, pod: &str) -> Result<u64, String> {
+    let ip = ctx
+        .cluster
+        .kubelet
+        .pod_ip(ns, pod)
+        .ok_or_else(|| format!("no IP for pod {pod}"))?;
+    let mut c = H1Client::connect((ip, 8080).into())
+        .await
+        .map_err(|e| format!("connect to {pod} at {ip}: {e}"))?;
+    let a = c.get("/hits").await.map_err(|e| e.to_string())?;
+    a.body_text()
+        .parse()
+        .map_err(|e| format!("{pod}'s /hits: {:?}: {e}", a.body_text()))
+}
+
+/// `n` concurrent GETs of `path`, each on a connection of its own: (status, body, x-hits) each.
+async fn burst(
+    addr: std::net::SocketAddr,
+    n: usize,
+    path: &'static str,
+) -> Result<Vec<(u16, String, Option<String>)>, String> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        tasks.push(tokio::spawn(async move {
+            let mut c = H1Client::connect(addr).await.map_err(|e| e.to_string())?;
+            let a = c.get(path).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((a.status, a.body_text(), a.header("x-hits")))
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.map_err(|e| e.to_string())??);
+    }
+    Ok(out)
+}
+
+/// The circuit breaker configured only by annotations on the Service: a pod that always answers
+/// 503 (while its readiness probe passes, so it stays in the EndpointSlice) is ejected after
+/// `breaker-failures` consecutive failures and then gets one probe per `breaker-backoff`, while
+/// the clients see at least 99% success.
+async fn breaker_from_service_annotations(ctx: &Ctx) -> TestResult {
+    let ns = ctx.namespace("breaker").await?;
+    ctx.apply_service(
+        &ns,
+        annotated_service(
+            "web",
+            "web",
+            &[(80, "http", json!("http"))],
+            json!({
+                "meshlet.dev/breaker": "consecutive",
+                "meshlet.dev/breaker-failures": "3",
+                "meshlet.dev/breaker-backoff": "500ms",
+                "meshlet.dev/breaker-backoff-max": "500ms",
+                // No retries: a retry would hide the failing pod's answers from the clients.
+                "meshlet.dev/max-retries": "0",
+            }),
+        ),
+    )
+    .await?;
+    for i in 0..2 {
+        ctx.create_pod(&ns, app_pod(&format!("web-{i}"), "web", &[(8080, "http")]))
+            .await?;
+    }
+    ctx.create_pod(
+        &ns,
+        app_pod_env("bad", "web", &[(8080, "http")], &[("FAIL_STATUS", "503")]),
+    )
+    .await?;
+    ctx.wait_endpoints(&ns, "web", 3).await?;
+    let m = ctx.meshlet(&[format!("web.{ns}:80")]).await;
+    let addr = m.upstream(0);
+    let svc = format!("web.{ns}:80");
+    let transitions = |text: &str, tr: &str| {
+        sample(
+            text,
+            "meshlet_breaker_transitions_total",
+            &[("service", &svc), ("transition", tr)],
+        )
+        .unwrap_or(0.0)
+    };
+
+    // Sequential requests until the failing pod is ejected: exactly `breaker-failures` (3, not
+    // the default 7) of them fail first.
+    let mut c = H1Client::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sent, mut failed) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = c.get("/").await.map_err(|e| e.to_string())?;
+        sent += 1;
+        match a.status {
+            200 => {}
+            503 if a.body_text() == "bad:8080 failing" => failed += 1,
+            s => return Err(format!("unexpected answer {s}: {}", a.body_text())),
+        }
+        if transitions(&m.metrics().await, "ejected") >= 1.0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "no ejection after {sent} requests ({failed} failed):\n{}",
+                m.metrics().await
+            ));
+        }
+    }
+    println!("    ejected after {sent} requests, {failed} of them failed");
+    if failed != 3 {
+        return Err(format!(
+            "want ejection after 3 consecutive failures (meshlet.dev/breaker-failures), saw {failed}"
+        ));
+    }
+
+    // Two seconds of concurrent load: the ejected pod only sees the probes.
+    let hits_before = pod_hits(ctx, &ns, "bad").await?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
+    let mut load = Vec::new();
+    for _ in 0..8 {
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let mut c = H1Client::connect(addr).await.map_err(|e| e.to_string())?;
+            let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+            while !stop.load(Ordering::SeqCst) {
+                let a = c.get("/").await.map_err(|e| e.to_string())?;
+                *seen
+                    .entry(format!("{} {}", a.status, a.body_text()))
+                    .or_insert(0) += 1;
+            }
+            Ok::<_, String>(seen)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for l in load {
+        for (k, v) in l.await.map_err(|e| e.to_string())?? {
+            *seen.entry(k).or_insert(0) += v;
+        }
+    }
+    let elapsed = started.elapsed();
+    let probes = pod_hits(ctx, &ns, "bad").await? - hits_before;
+    let total: usize = seen.values().sum();
+    let ok: usize = seen
+        .iter()
+        .filter(|(k, _)| k.starts_with("200 "))
+        .map(|(_, v)| v)
+        .sum();
+    let text = m.metrics().await;
+    println!(
+        "    {total} requests in {elapsed:?}: {seen:?}; the failing pod got {probes} (probes); \
+         transitions: ejected {}, probe_failed {}, restored {}",
+        transitions(&text, "ejected"),
+        transitions(&text, "probe_failed"),
+        transitions(&text, "restored"),
+    );
+    // One probe per 500 ms (+/- 10% jitter), as soon as one is due under this load.
+    let most = (elapsed.as_millis() / 450) as u64 + 1;
+    if probes < 2 || probes > most {
+        return Err(format!(
+            "the ejected pod got {probes} requests in {elapsed:?}; want about one per 500 ms (2..={most})"
+        ));
+    }
+    if (ok as f64) < 0.99 * total as f64 || total < 200 {
+        return Err(format!("{ok} of {total} requests succeeded: {seen:?}"));
+    }
+    if transitions(&text, "restored") != 0.0 {
+        return Err("an always-failing pod was restored".into());
+    }
+    // Everything the failing pod got in the window was a probe, and each probe failed.
+    if transitions(&text, "probe_failed") != probes as f64 {
+        return Err(format!(
+            "the failing pod got {probes} requests but {} failed probes were counted",
+            transitions(&text, "probe_failed")
+        ));
+    }
+    Ok(())
+}
+
+/// Request deduplication switched on by an annotation, then off by changing it on the live
+/// Service: a running meshlet follows.
+async fn dedup_from_service_annotation_follows_changes(ctx: &Ctx) -> TestResult {
+    let ns = ctx.namespace("dedup").await?;
+    ctx.apply_service(
+        &ns,
+        annotated_service(
+            "web",
+            "web",
+            &[(80, "http", json!("http"))],
+            json!({"meshlet.dev/dedup": "true"}),
+        ),
+    )
+    .await?;
+    ctx.create_pod(
+        &ns,
+        app_pod_env("web-0", "web", &[(8080, "http")], &[("DELAY_MS", "300")]),
+    )
+    .await?;
+    ctx.wait_endpoints(&ns, "web", 1).await?;
+    let m = ctx.meshlet(&[format!("web.{ns}:80")]).await;
+    let addr = m.upstream(0);
+
+    // 50 identical GETs while the first is upstream (300 ms): one upstream request.
+    let before = pod_hits(ctx, &ns, "web-0").await?;
+    let answers = burst(addr, 50, "/same").await?;
+    let grew = pod_hits(ctx, &ns, "web-0").await? - before;
+    let distinct: std::collections::BTreeSet<_> = answers.iter().collect();
+    let coalesced = sample(
+        &m.metrics().await,
+        "meshlet_dedup_coalesced_total",
+        &[("service", &format!("web.{ns}:80"))],
+    );
+    println!(
+        "    dedup on: 50 requests, {grew} upstream, answers {distinct:?}, coalesced {coalesced:?}"
+    );
+    if grew != 1 {
+        return Err(format!(
+            "dedup on: 50 identical requests made {grew} upstream"
+        ));
+    }
+    if distinct.len() != 1 || answers[0].0 != 200 || answers[0].2.is_none() {
+        return Err(format!("dedup on: the answers differ: {distinct:?}"));
+    }
+    if coalesced != Some(49.0) {
+        return Err(format!("meshlet_dedup_coalesced_total is {coalesced:?}"));
+    }
+
+    // Switch it off on the live Service.
+    let api: Api<Service> = Api::namespaced(ctx.cluster.client.clone(), &ns);
+    let patched = Instant::now();
+    api.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"meshlet.dev/dedup": "false"}}})),
+    )
+    .await
+    .map_err(|e| format!("patch service: {e}"))?;
+    let bursts = wait_for(
+        "meshlet to stop deduplicating",
+        Duration::from_secs(20),
+        || async {
+            let before = pod_hits(ctx, &ns, "web-0").await.ok()?;
+            burst(addr, 10, "/same").await.ok()?;
+            let grew = pod_hits(ctx, &ns, "web-0").await.ok()? - before;
+            (grew > 1).then_some(grew)
+        },
+    )
+    .await?;
+    println!(
+        "    dedup off {:?} after the patch (a burst of 10 made {bursts} upstream)",
+        patched.elapsed()
+    );
+    // And now every request goes upstream on its own.
+    let before = pod_hits(ctx, &ns, "web-0").await?;
+    let answers = burst(addr, 10, "/same").await?;
+    let grew = pod_hits(ctx, &ns, "web-0").await? - before;
+    let distinct: std::collections::BTreeSet<_> = answers.iter().map(|a| &a.2).collect();
+    if grew != 10 || distinct.len() != 10 {
+        return Err(format!(
+            "dedup off: 10 requests made {grew} upstream, {} distinct answers",
+            distinct.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A bad annotation value is ignored (with a warning and a count), the default is used, and
+/// traffic flows: `max-retries: lots` leaves the default 2 retries, which hide a failing pod.
+async fn invalid_annotation_is_ignored_and_counted(ctx: &Ctx) -> TestResult {
+    let ns = ctx.namespace("badannot").await?;
+    ctx.apply_service(
+        &ns,
+        annotated_service(
+            "web",
+            "web",
+            &[(80, "http", json!("http"))],
+            json!({"meshlet.dev/max-retries": "lots"}),
+        ),
+    )
+    .await?;
+    ctx.create_pod(&ns, app_pod("web-0", "web", &[(8080, "http")]))
+        .await?;
+    ctx.create_pod(
+        &ns,
+        app_pod_env("bad", "web", &[(8080, "http")], &[("FAIL_STATUS", "503")]),
+    )
+    .await?;
+    ctx.wait_endpoints(&ns, "web", 2).await?;
+    let m = ctx.meshlet(&[format!("web.{ns}:80")]).await;
+    // Every request succeeds: those sent to the failing pod are retried on the other. p2c may
+    // avoid the failing pod for a while, so send until one retry shows (every answer a 200).
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        for (k, v) in spread(m.upstream(0), 20).await? {
+            *seen.entry(k).or_insert(0) += v;
+        }
+        let text = m.metrics().await;
+        let retried = sample(
+            &text,
+            "meshlet_retries_total",
+            &[("service", &format!("web.{ns}:80")), ("reason", "status")],
+        );
+        if retried.is_some_and(|r| r >= 1.0) || Instant::now() > deadline {
+            break text;
+        }
+    };
+    let errors = sample(
+        &text,
+        "meshlet_policy_errors_total",
+        &[
+            ("service", &format!("web.{ns}")),
+            ("key", "meshlet.dev/max-retries"),
+        ],
+    );
+    let retries = sample(
+        &text,
+        "meshlet_retries_total",
+        &[("service", &format!("web.{ns}:80")), ("reason", "status")],
+    );
+    let bad_hits = pod_hits(ctx, &ns, "bad").await?;
+    println!(
+        "    answers {seen:?}; policy errors {errors:?}; retries on status {retries:?}; \
+         the failing pod got {bad_hits}"
+    );
+    if errors != Some(1.0) {
+        return Err(format!(
+            "meshlet_policy_errors_total for max-retries is {errors:?}:\n{}",
+            text.lines()
+                .filter(|l| l.contains("policy_errors"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ));
+    }
+    if bad_hits == 0 || retries.unwrap_or(0.0) < 1.0 {
+        return Err(format!(
+            "no retry shown (the failing pod got {bad_hits} requests, retries {retries:?})"
+        ));
+    }
+    Ok(())
+}
+
 async fn api_server_down_keeps_traffic_flowing(ctx: &Ctx) -> TestResult {
     let ns = ctx.namespace("apidown").await?;
     ctx.apply_service(
@@ -805,6 +1193,9 @@ fn main() {
         trial!(named_ports_two_ports_and_headless),
         trial!(transparent_mode_in_a_pod),
         trial!(least_privilege_rbac_is_enough),
+        trial!(breaker_from_service_annotations),
+        trial!(dedup_from_service_annotation_follows_changes),
+        trial!(invalid_annotation_is_ignored_and_counted),
         trial!(api_server_down_keeps_traffic_flowing),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
