@@ -1,7 +1,8 @@
-//! The admin server: `/live`, `/ready`, `/metrics`, and `POST /shutdown` (loopback clients only).
+//! The admin server: `/live`, `/ready`, `/metrics`, `/app-health/<container>/<probe>` (the app's
+//! own kubelet probes, run by meshlet), and `POST /shutdown` (loopback clients only).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,6 +13,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::probes::AppProbes;
 use crate::metrics::Metrics;
 use crate::proxy::body::Body;
 use crate::readiness::Readiness;
@@ -24,6 +26,12 @@ pub struct Admin {
     pub started: Instant,
     /// Extra lines for `/ready` (e.g. discovery serving stale endpoints while its watch fails).
     pub detail: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// The app's original kubelet probes (`MESHLET_APP_PROBES`), if any.
+    pub app_probes: Option<Arc<AppProbes>>,
+    /// Where the app listens: `inbound.app_host`, else 127.0.0.1.
+    pub app_host: IpAddr,
+    /// Every destination service in use and its endpoints' breaker state (`/endpoints`).
+    pub endpoints: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
 impl Admin {
@@ -47,7 +55,7 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.route(req, peer)) }
+                    async move { Ok::<_, Infallible>(this.route(req, peer).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -64,10 +72,23 @@ impl Admin {
         }
     }
 
-    fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        if let Some(rest) = req.uri().path().strip_prefix("/app-health/") {
+            if req.method() == Method::GET || req.method() == Method::HEAD {
+                return self.app_health(rest).await;
+            }
+        }
         match (req.method(), req.uri().path()) {
             (&Method::GET | &Method::HEAD, "/live") => text(StatusCode::OK, "live\n".into()),
             (&Method::GET | &Method::HEAD, "/ready") => self.ready(),
+            (&Method::GET, "/endpoints") => {
+                let mut r = text(StatusCode::OK, format!("{:#}\n", (self.endpoints)()));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
             (&Method::GET, "/metrics") => {
                 let mut r = text(StatusCode::OK, self.metrics.render());
                 r.headers_mut().insert(
@@ -95,8 +116,42 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live /ready /metrics or POST /shutdown\n".into(),
+                "not found; try /live /ready /metrics /app-health/<container>/<probe> or POST /shutdown\n".into(),
             ),
+        }
+    }
+
+    /// `/app-health/<container>/<probe>`: runs the app's original probe now and answers 200 or
+    /// 503 with what happened, so a rewritten kubelet probe passes or fails as the original
+    /// would have. 404 when no such probe was configured: the injector and meshlet disagree.
+    async fn app_health(&self, rest: &str) -> Response<Body> {
+        let Some((container, probe)) = rest.split_once('/') else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "use /app-health/<container>/<probe>, probe one of livez, readyz, startupz\n"
+                    .into(),
+            );
+        };
+        let Some(probes) = &self.app_probes else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "no app probes are configured (MESHLET_APP_PROBES is not set)\n".into(),
+            );
+        };
+        match probes.run(container, probe, self.app_host).await {
+            None => text(
+                StatusCode::NOT_FOUND,
+                format!("no {probe:?} probe is configured for container {container:?}\n"),
+            ),
+            Some(r) => {
+                let status = if r.success {
+                    StatusCode::OK
+                } else {
+                    tracing::debug!(container, probe, message = %r.message, "app probe failed");
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                text(status, format!("{}\n", r.message))
+            }
         }
     }
 

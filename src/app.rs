@@ -5,7 +5,7 @@
 //! Shutdown: the drain token stops the listeners from accepting, HTTP connections shut down
 //! gracefully, and in-flight work gets up to `shutdown_grace` to finish.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::discovery::kubernetes::KubeResolver;
 use crate::discovery::static_list::StaticResolver;
 use crate::discovery::{Chain, Resolve};
+use crate::health::probes::AppProbes;
 use crate::metrics::Metrics;
 use crate::proxy::{Listener, Proxy};
 use crate::readiness::Readiness;
@@ -38,6 +39,7 @@ pub struct App {
     addresses: Addresses,
     shutdown: CancellationToken,
     kube: Option<kube::Client>,
+    app_probes: Option<Arc<AppProbes>>,
 }
 
 impl App {
@@ -85,6 +87,7 @@ impl App {
             addresses,
             shutdown: CancellationToken::new(),
             kube: None,
+            app_probes: None,
         })
     }
 
@@ -98,6 +101,12 @@ impl App {
             }
         }
         Ok(())
+    }
+
+    /// The app's original kubelet probes (from `MESHLET_APP_PROBES`), served on the admin
+    /// server's `/app-health/<container>/<probe>`.
+    pub fn set_app_probes(&mut self, probes: Option<AppProbes>) {
+        self.app_probes = probes.map(Arc::new);
     }
 
     pub fn addresses(&self) -> &Addresses {
@@ -143,12 +152,20 @@ impl App {
             proxy.service(&u.service);
         }
 
+        let report = proxy.clone();
         let admin = Arc::new(Admin {
+            endpoints: Box::new(move || report.endpoints_report()),
             metrics,
             readiness,
             shutdown: self.shutdown.clone(),
             started: Instant::now(),
             detail: Box::new(move || detail.detail()),
+            app_probes: self.app_probes.take(),
+            app_host: self
+                .config
+                .inbound
+                .as_ref()
+                .map_or(IpAddr::from([127, 0, 0, 1]), |i| i.app_host.0),
         });
         let admin_stop = CancellationToken::new();
         let admin_task = tokio::spawn(admin.serve(self.admin_listener, admin_stop.clone()));

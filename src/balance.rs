@@ -170,6 +170,24 @@ impl Endpoint {
         est * self.load_factor()
     }
 
+    /// What the admin server shows of an endpoint.
+    pub fn report(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let (rtt_ns, sampled) = self.estimate();
+        let state = match self.breaker().state(now) {
+            breaker::State::Closed => "closed",
+            breaker::State::Open => "ejected",
+            breaker::State::HalfOpen => "probing",
+        };
+        serde_json::json!({
+            "address": self.addr.to_string(),
+            "breaker": state,
+            "in_flight": self.pending.load(Ordering::Acquire),
+            "latency_ms": sampled.then_some((rtt_ns / 1e4).round() / 100.0),
+            "connect_backoff": !self.available(),
+        })
+    }
+
     /// The decayed latency estimate, and whether it comes from real answers.
     fn estimate(&self) -> (f64, bool) {
         let mut rtt = lock(&self.rtt);

@@ -12,6 +12,7 @@ pub mod breaker;
 pub mod config;
 pub mod dedup;
 pub mod discovery;
+pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod policy;

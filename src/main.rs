@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use meshlet::app::App;
 use meshlet::config::{Config, LogFormat};
+use meshlet::health::probes::AppProbes;
 
 #[derive(Parser)]
 #[command(name = "meshlet", version = meshlet::VERSION, about = "A small, fast Kubernetes sidecar")]
@@ -57,6 +58,13 @@ fn proxy(path: Option<PathBuf>, log_json: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let app_probes = match app_probes() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("meshlet: MESHLET_APP_PROBES: {e}");
+            return ExitCode::from(2);
+        }
+    };
     init_logging(&config, log_json);
 
     let workers = config.worker_threads();
@@ -86,6 +94,7 @@ fn proxy(path: Option<PathBuf>, log_json: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        app.set_app_probes(app_probes);
         if let Err(e) = app.connect().await {
             eprintln!("meshlet: discovery.kubernetes: {e}");
             return ExitCode::FAILURE;
@@ -98,6 +107,18 @@ fn proxy(path: Option<PathBuf>, log_json: bool) -> ExitCode {
         app.run().await;
         ExitCode::SUCCESS
     })
+}
+
+/// The app's original kubelet probes, written by the injector into `MESHLET_APP_PROBES`
+/// (format: `meshlet::health::probes`). Unset or empty: none. A bad value stops the start,
+/// like a bad config key, rather than leaving probes that silently never run.
+fn app_probes() -> Result<Option<AppProbes>, String> {
+    match std::env::var("MESHLET_APP_PROBES") {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err("the value is not valid UTF-8".into()),
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => AppProbes::parse(&v).map(Some),
+    }
 }
 
 async fn wait_for_signal() {

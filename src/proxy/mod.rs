@@ -342,6 +342,28 @@ impl Proxy {
         t
     }
 
+    /// Every destination service in use and its endpoints' state, for the admin server's
+    /// `/endpoints`.
+    pub fn endpoints_report(&self) -> serde_json::Value {
+        let targets: Vec<Arc<Target>> = lock(&self.outbound).values().cloned().collect();
+        let mut services: Vec<serde_json::Value> = targets
+            .iter()
+            .filter_map(|t| match &t.route {
+                Route::Balanced(b) => {
+                    let mut eps: Vec<_> = b.endpoints().into_values().collect();
+                    eps.sort_by_key(|e| e.addr);
+                    Some(serde_json::json!({
+                        "service": &*t.service,
+                        "endpoints": eps.iter().map(|e| e.report()).collect::<Vec<_>>(),
+                    }))
+                }
+                _ => None,
+            })
+            .collect();
+        services.sort_by(|a, b| a["service"].as_str().cmp(&b["service"].as_str()));
+        serde_json::json!({ "services": services })
+    }
+
     /// The inbound target for a local app port.
     fn inbound_target(&self, port: u16) -> Arc<Target> {
         let mut map = lock(&self.inbound);
