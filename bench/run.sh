@@ -5,6 +5,13 @@
 # Usage:  bench/run.sh            (default: 10 s per round, 3 rounds, about 5.5 minutes)
 #         BENCH_SECONDS=5 BENCH_ROUNDS=3 bench/run.sh
 #
+# Two optional parts (off by default), alone or with the above:
+#   BENCH_STACK=1  meshlet "bare" (no breaker, no retries, no dedup) against meshlet with the full
+#                  resilience stack, same fixed rates, distinct request paths (oha --rand-regex-url)
+#   BENCH_DEDUP=1  bursts of identical concurrent GETs to a slow backend (bench/slow-backend),
+#                  meshlet with dedup on against dedup off: upstream requests saved, client latency
+#   e.g.  BENCH_HTTP=0 BENCH_GRPC=0 BENCH_STACK=1 BENCH_DEDUP=1 bench/run.sh
+#
 # Everything listens on 127.0.0.1 only. Every process started here is recorded by PID and ended
 # by that PID on exit (trap EXIT). See bench/README.md for the method.
 set -euo pipefail
@@ -26,6 +33,17 @@ BENCH_PORT_BASE=${BENCH_PORT_BASE:-18000}   # all ports are BENCH_PORT_BASE + a 
 BENCH_OUT=${BENCH_OUT:-}                    # where to keep raw results (default: a temp dir)
 BENCH_NO_BUILD=${BENCH_NO_BUILD:-0}         # 1: do not run cargo build / go build
 GHZ_VERSION=${GHZ_VERSION:-v0.120.0}        # the newest ghz that `go install` builds with Go 1.26
+# The resilience stack (BENCH_STACK=1): two meshlets, the same backends (nginx) and rates.
+BENCH_STACK=${BENCH_STACK:-0}
+BENCH_STACK_RATES=${BENCH_STACK_RATES:-$BENCH_RATES}
+STACK_BARE=${STACK_BARE:-'{breaker: "off", max_retries: 0, retry_on: none, dedup: false}'}
+STACK_FULL=${STACK_FULL:-'{breaker: consecutive, max_retries: 2, dedup: true}'}
+STACK_PATH=${STACK_PATH-'[a-z0-9]{16}'}     # oha --rand-regex-url: a distinct path per request ('': GET /)
+# Dedup under bursts (BENCH_DEDUP=1): two meshlets (dedup on / off) before a slow backend.
+BENCH_DEDUP=${BENCH_DEDUP:-0}
+BENCH_BURST_SIZE=${BENCH_BURST_SIZE:-50}            # identical GETs per burst (= oha connections)
+BENCH_BURST_INTERVAL_MS=${BENCH_BURST_INTERVAL_MS:-100}
+BENCH_BACKEND_DELAY_MS=${BENCH_BACKEND_DELAY_MS:-50}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -45,6 +63,16 @@ P_MESH_GRPC=$((BENCH_PORT_BASE + 101))
 P_MESH_GRPC_ADMIN=$((BENCH_PORT_BASE + 191))
 P_HAP_HTTP=$((BENCH_PORT_BASE + 200))
 P_HAP_GRPC=$((BENCH_PORT_BASE + 201))
+P_SLOW1=$((BENCH_PORT_BASE + 61))           # the slow backend (BENCH_DEDUP)
+P_SLOW2=$((BENCH_PORT_BASE + 62))
+P_MESH_BARE=$((BENCH_PORT_BASE + 110))      # BENCH_STACK
+P_MESH_BARE_ADMIN=$((BENCH_PORT_BASE + 192))
+P_MESH_FULL=$((BENCH_PORT_BASE + 111))
+P_MESH_FULL_ADMIN=$((BENCH_PORT_BASE + 193))
+P_MESH_DEDUP_ON=$((BENCH_PORT_BASE + 120))  # BENCH_DEDUP
+P_MESH_DEDUP_ON_ADMIN=$((BENCH_PORT_BASE + 194))
+P_MESH_DEDUP_OFF=$((BENCH_PORT_BASE + 121))
+P_MESH_DEDUP_OFF_ADMIN=$((BENCH_PORT_BASE + 195))
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -155,8 +183,14 @@ now() { date +%s.%N; }
 for c in taskset timeout python3 curl; do
     command -v "$c" >/dev/null || die "$c not found"
 done
-[ -x "$HAPROXY_BIN" ] || die "haproxy not found at $HAPROXY_BIN (apt-get install haproxy)"
-[ -x "$NGINX_BIN" ] || die "nginx not found at $NGINX_BIN (apt-get install nginx)"
+NEED_OHA=0
+if [ "$BENCH_HTTP" = 1 ] || [ "$BENCH_STACK" = 1 ] || [ "$BENCH_DEDUP" = 1 ]; then NEED_OHA=1; fi
+if [ "$BENCH_HTTP" = 1 ] || [ "$BENCH_GRPC" = 1 ]; then
+    [ -x "$HAPROXY_BIN" ] || die "haproxy not found at $HAPROXY_BIN (apt-get install haproxy)"
+fi
+if [ "$BENCH_HTTP" = 1 ] || [ "$BENCH_STACK" = 1 ]; then
+    [ -x "$NGINX_BIN" ] || die "nginx not found at $NGINX_BIN (apt-get install nginx)"
+fi
 
 if [ -n "$BENCH_OUT" ]; then
     mkdir -p "$BENCH_OUT"
@@ -169,7 +203,7 @@ mkdir -p "$RES"
 : >"$WORK/pids.txt"
 log "raw results and logs: $WORK"
 
-if [ "$BENCH_HTTP" = 1 ] && ! command -v oha >/dev/null; then
+if [ "$NEED_OHA" = 1 ] && ! command -v oha >/dev/null; then
     log "oha not on PATH: cargo install oha --locked (into ~/.cargo/bin)"
     cargo install oha --locked >"$WORK/oha-install.log" 2>&1 ||
         die "cargo install oha --locked failed, see $WORK/oha-install.log"
@@ -188,15 +222,30 @@ if [ "$BENCH_NO_BUILD" != 1 ]; then
         die "cargo build --release failed, see $WORK/meshlet-build.log"
 fi
 [ -x "$MESHLET_BIN" ] || die "meshlet binary not found at $MESHLET_BIN"
+# A copy, so that a concurrent build cannot swap the binary in the middle of the run.
+MESHLET_PREBUILT=""
+if [ "$BENCH_NO_BUILD" = 1 ]; then
+    MESHLET_PREBUILT="$MESHLET_BIN, built $(date -u -r "$MESHLET_BIN" '+%Y-%m-%d %H:%M UTC')"
+fi
+cp "$MESHLET_BIN" "$WORK/meshlet"
+MESHLET_BIN="$WORK/meshlet"
 if [ "$BENCH_GRPC" = 1 ]; then
     GRPC_BACKEND_BIN="$WORK/grpc-backend"
     log "go build (bench/grpc-backend)"
     (cd "$HERE/grpc-backend" && GOFLAGS=-buildvcs=false go build -o "$GRPC_BACKEND_BIN" .) \
         >"$WORK/grpc-backend-build.log" 2>&1 || die "go build failed, see $WORK/grpc-backend-build.log"
 fi
+if [ "$BENCH_DEDUP" = 1 ]; then
+    SLOW_BACKEND_BIN="$WORK/slow-backend"
+    log "go build (bench/slow-backend)"
+    (cd "$HERE/slow-backend" && GOFLAGS=-buildvcs=false go build -o "$SLOW_BACKEND_BIN" .) \
+        >"$WORK/slow-backend-build.log" 2>&1 || die "go build failed, see $WORK/slow-backend-build.log"
+fi
 
 for p in $P_NGINX1 $P_NGINX2 $P_GRPC1 $P_GRPC2 $P_MESH_HTTP $P_MESH_HTTP_ADMIN $P_MESH_GRPC \
-    $P_MESH_GRPC_ADMIN $P_HAP_HTTP $P_HAP_GRPC; do
+    $P_MESH_GRPC_ADMIN $P_HAP_HTTP $P_HAP_GRPC $P_SLOW1 $P_SLOW2 $P_MESH_BARE $P_MESH_BARE_ADMIN \
+    $P_MESH_FULL $P_MESH_FULL_ADMIN $P_MESH_DEDUP_ON $P_MESH_DEDUP_ON_ADMIN $P_MESH_DEDUP_OFF \
+    $P_MESH_DEDUP_OFF_ADMIN; do
     port_free "$p"
 done
 
@@ -216,15 +265,23 @@ CLK_TCK=$(getconf CLK_TCK)
     echo "conns=$BENCH_CONNS"
     echo "rates=$BENCH_RATES"
     echo "grpc_rate=$BENCH_GRPC_RATE"
-    echo "meshlet=$("$MESHLET_BIN" version 2>/dev/null | head -n1 | sed "s/^meshlet //") git $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo '+dirty')"
+    echo "stack_rates=$BENCH_STACK_RATES"
+    echo "stack_bare=$STACK_BARE"
+    echo "stack_full=$STACK_FULL"
+    echo "stack_path=$STACK_PATH"
+    echo "burst_size=$BENCH_BURST_SIZE"
+    echo "burst_interval_ms=$BENCH_BURST_INTERVAL_MS"
+    echo "backend_delay_ms=$BENCH_BACKEND_DELAY_MS"
+    echo "meshlet=$("$MESHLET_BIN" version 2>/dev/null | head -n1 | sed "s/^meshlet //") git $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && [ -n "$(git status --porcelain --untracked-files=no -- . ':(exclude)bench' 2>/dev/null)" ] && echo '+dirty')"
+    echo "meshlet_prebuilt=$MESHLET_PREBUILT"
     echo "haproxy=$("$HAPROXY_BIN" -v 2>&1 | head -n1 | awk '{print $3}')"
     echo "nginx=$("$NGINX_BIN" -v 2>&1 | sed 's|.*nginx/||')"
-    if [ "$BENCH_HTTP" = 1 ]; then echo "oha=$(oha --version | awk '{print $2}')"; fi
+    if [ "$NEED_OHA" = 1 ]; then echo "oha=$(oha --version | awk '{print $2}')"; fi
     if [ "$BENCH_GRPC" = 1 ]; then
         echo "ghz=$(go version -m "$(command -v ghz)" | awk '$1 == "mod" { print $3 }')"
         echo "grpc_go=$(cd "$HERE/grpc-backend" && go list -m -f '{{.Version}}' google.golang.org/grpc)"
-        echo "go=$(go env GOVERSION)"
     fi
+    if [ "$BENCH_GRPC" = 1 ] || [ "$BENCH_DEDUP" = 1 ]; then echo "go=$(go env GOVERSION)"; fi
 } >"$RES/env.txt"
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +312,10 @@ http {
 EOF
 }
 
-write_meshlet_conf() { # write_meshlet_conf FILE LISTEN ADMIN SERVICE EP1 EP2
+write_meshlet_conf() { # write_meshlet_conf FILE LISTEN ADMIN SERVICE EP1 EP2 [DEFAULTS]
     cat >"$1" <<EOF
-admin: {listen: 127.0.0.1:$3}
+admin: {listen: 127.0.0.1:$3}${7:+
+defaults: $7}
 upstreams:
   - listen: 127.0.0.1:$2
     service: $4
@@ -298,6 +356,22 @@ backend be
 EOF
 }
 
+# start_meshlet NAME CONF ADMIN_PORT : start meshlet on the SUT CPU and wait for /ready (10 s);
+# its PID is left in $LAST_PID.
+start_meshlet() {
+    local name=$1 conf=$2 admin=$3 pid
+    start_bg "$name" "$BENCH_SUT_CPU" "$MESHLET_BIN" proxy --config "$conf"
+    pid=$LAST_PID
+    for _ in $(seq 1 100); do
+        curl -fsS -o /dev/null "http://127.0.0.1:$admin/ready" 2>/dev/null && break
+        kill -0 "$pid" 2>/dev/null || die "meshlet ($name) exited: $(tail -n 5 "$WORK/$name.log")"
+        sleep 0.1
+    done
+    curl -fsS -o /dev/null "http://127.0.0.1:$admin/ready" ||
+        die "meshlet ($name) not ready: $(tail -n 5 "$WORK/$name.log")"
+    LAST_PID=$pid
+}
+
 # ---------------------------------------------------------------------------------------------
 # Measurement helpers
 # measure PROTO TARGET PID KIND LABEL CMD... : run a load generator, record the CPU of PID
@@ -306,6 +380,7 @@ measure() {
     local proto=$1 target=$2 pid=$3 kind=$4 label=$5
     shift 5
     local t0 t1 c0=0 c1=0
+    printf '%s\t%s\n' "$label" "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/loadavg.tsv"
     [ "$pid" != - ] && c0=$(cpu_ticks "$pid")
     t0=$(now)
     run_loadgen "$label" "$@"
@@ -316,12 +391,12 @@ measure() {
         "$(python3 -c "print(f'{$t1 - $t0:.3f}')")" >>"$RES/cpu.tsv"
 }
 
-oha_cmd() { # oha_cmd URL SECONDS RATE(0 = unthrottled)
+oha_cmd() { # oha_cmd URL SECONDS RATE(0 = unthrottled) [MORE OHA ARGS...]
     local args=(oha --no-tui --output-format json -c "$BENCH_CONNS" -z "${2}s")
     if [ "$3" != 0 ]; then
         args+=(-q "$3" --latency-correction)
     fi
-    args+=("$1")
+    args+=("${@:4}" "$1")
     printf '%s\n' "${args[@]}"
 }
 
@@ -359,17 +434,10 @@ run_phase() {
         die "haproxy rejects $hconf: $(cat "$WORK/haproxy-$proto-check.log")"
 
     log "$proto: starting meshlet and haproxy on CPU $BENCH_SUT_CPU"
-    start_bg "meshlet-$proto" "$BENCH_SUT_CPU" "$MESHLET_BIN" proxy --config "$mconf"
-    mesh_pid=$LAST_PID
     start_bg "haproxy-$proto" "$BENCH_SUT_CPU" "$HAPROXY_BIN" -db -f "$hconf"
     hap_pid=$LAST_PID
-    for _ in $(seq 1 100); do
-        curl -fsS -o /dev/null "http://127.0.0.1:$mesh_admin/ready" 2>/dev/null && break
-        kill -0 "$mesh_pid" 2>/dev/null || die "meshlet exited: $(tail -n 5 "$WORK/meshlet-$proto.log")"
-        sleep 0.1
-    done
-    curl -fsS -o /dev/null "http://127.0.0.1:$mesh_admin/ready" ||
-        die "meshlet not ready: $(tail -n 5 "$WORK/meshlet-$proto.log")"
+    start_meshlet "meshlet-$proto" "$mconf" "$mesh_admin"
+    mesh_pid=$LAST_PID
     if [ "$proto" = http ]; then wait_port "$P_HAP_HTTP"; else wait_port "$P_HAP_GRPC"; fi
     kill -0 "$hap_pid" 2>/dev/null || die "haproxy exited: $(tail -n 5 "$WORK/haproxy-$proto.log")"
     pid=([direct]=- [meshlet]=$mesh_pid [haproxy]=$hap_pid)
@@ -426,10 +494,132 @@ run_phase() {
     stop_pid "$hap_pid"
 }
 
+# scrape ADMIN_PORT FILE : meshlet's /metrics into FILE (report.py takes the differences).
+scrape() {
+    curl -fsS -o "$2" "http://127.0.0.1:$1/metrics" || log "could not read /metrics on :$1"
+}
+
+# rounds_order ROUND A B : "A B" in odd rounds, "B A" in even ones (neither always goes first).
+rounds_order() {
+    if [ $(($1 % 2)) = 1 ]; then echo "$2 $3"; else echo "$3 $2"; fi
+}
+
+# run_stack : meshlet "bare" against meshlet with the full resilience stack, both before the
+# nginx backends, at the same fixed rates, alternating. Every request has its own path
+# (oha --rand-regex-url), so dedup does its whole bookkeeping on each request and never
+# coalesces two of them (the coalesced counter, read around every run, shows it).
+run_stack() {
+    local -A url pid admin
+    local t r rate label
+    local -a cmd
+    write_meshlet_conf "$WORK/meshlet-stack-bare.yaml" "$P_MESH_BARE" "$P_MESH_BARE_ADMIN" web.default \
+        "$P_NGINX1" "$P_NGINX2" "$STACK_BARE"
+    write_meshlet_conf "$WORK/meshlet-stack-full.yaml" "$P_MESH_FULL" "$P_MESH_FULL_ADMIN" web.default \
+        "$P_NGINX1" "$P_NGINX2" "$STACK_FULL"
+    log "stack: starting meshlet bare ($STACK_BARE) and full ($STACK_FULL) on CPU $BENCH_SUT_CPU"
+    start_meshlet meshlet-stack-bare "$WORK/meshlet-stack-bare.yaml" "$P_MESH_BARE_ADMIN"
+    pid[bare]=$LAST_PID
+    start_meshlet meshlet-stack-full "$WORK/meshlet-stack-full.yaml" "$P_MESH_FULL_ADMIN"
+    pid[full]=$LAST_PID
+    url=([bare]="http://127.0.0.1:$P_MESH_BARE" [full]="http://127.0.0.1:$P_MESH_FULL")
+    admin=([bare]=$P_MESH_BARE_ADMIN [full]=$P_MESH_FULL_ADMIN)
+    sleep 0.5
+    for t in bare full; do
+        printf '%s\t%s\tidle_rss_kb\t%s\n' stack "$t" "$(status_kb "${pid[$t]}" VmRSS)" >>"$RES/mem.tsv"
+    done
+    for t in bare full; do
+        curl -fsS -o /dev/null "${url[$t]}/check" || die "stack $t (${url[$t]}) does not answer 200"
+        mapfile -t cmd < <(oha_cmd "${url[$t]}/$STACK_PATH" "$BENCH_WARMUP_SECONDS" "${BENCH_STACK_RATES%% *}" --rand-regex-url)
+        run_loadgen "warmup-stack-$t" "${cmd[@]}"
+    done
+    python3 "$HERE/report.py" --check-warmup "$WORK" stack bare full || die "stack warm-up failed (see above)"
+
+    mkdir -p "$RES/metrics"
+    for r in $(seq 1 "$BENCH_ROUNDS"); do
+        for rate in $BENCH_STACK_RATES; do
+            for t in $(rounds_order "$r" bare full); do
+                log "stack round $r/$BENCH_ROUNDS rate $rate: $t"
+                label="stack-r$r-q$rate-$t"
+                mapfile -t cmd < <(oha_cmd "${url[$t]}/$STACK_PATH" "$BENCH_SECONDS" "$rate" --rand-regex-url)
+                scrape "${admin[$t]}" "$RES/metrics/$label.before.prom"
+                measure stack "$t" "${pid[$t]}" rate "$label" "${cmd[@]}"
+                scrape "${admin[$t]}" "$RES/metrics/$label.after.prom"
+                sleep 0.3
+            done
+        done
+    done
+    for t in bare full; do
+        kill -0 "${pid[$t]}" 2>/dev/null || die "meshlet ($t) died during the stack phase"
+        printf '%s\t%s\tpeak_rss_kb\t%s\n' stack "$t" "$(status_kb "${pid[$t]}" VmHWM)" >>"$RES/mem.tsv"
+        stop_pid "${pid[$t]}"
+    done
+}
+
+# run_dedup : bursts of BENCH_BURST_SIZE identical concurrent GETs every BENCH_BURST_INTERVAL_MS
+# through meshlet with dedup on and with dedup off (everything else at its default), before the
+# slow backend (BENCH_BACKEND_DELAY_MS per request). The backend counts the requests it gets
+# (GET /__count); meshlet's /metrics is read around every run. oha -w waits for the requests
+# still in flight at the deadline, so every request sent is answered and counted.
+run_dedup() {
+    local -A url pid admin
+    local t r label c0 c1 slow_pid
+    local -a cmd
+    log "dedup: starting the slow backend ($P_SLOW1, $P_SLOW2; ${BENCH_BACKEND_DELAY_MS} ms) on CPU $BENCH_SUT_CPU"
+    start_bg slow-backend "$BENCH_SUT_CPU" "$SLOW_BACKEND_BIN" -listen "127.0.0.1:$P_SLOW1,127.0.0.1:$P_SLOW2" \
+        -delay "${BENCH_BACKEND_DELAY_MS}ms"
+    slow_pid=$LAST_PID
+    wait_port "$P_SLOW1"
+    wait_port "$P_SLOW2"
+    write_meshlet_conf "$WORK/meshlet-dedup-on.yaml" "$P_MESH_DEDUP_ON" "$P_MESH_DEDUP_ON_ADMIN" slow.default \
+        "$P_SLOW1" "$P_SLOW2" "{dedup: true}"
+    write_meshlet_conf "$WORK/meshlet-dedup-off.yaml" "$P_MESH_DEDUP_OFF" "$P_MESH_DEDUP_OFF_ADMIN" slow.default \
+        "$P_SLOW1" "$P_SLOW2" "{dedup: false}"
+    log "dedup: starting meshlet with dedup on and off on CPU $BENCH_SUT_CPU"
+    start_meshlet meshlet-dedup-on "$WORK/meshlet-dedup-on.yaml" "$P_MESH_DEDUP_ON_ADMIN"
+    pid[on]=$LAST_PID
+    start_meshlet meshlet-dedup-off "$WORK/meshlet-dedup-off.yaml" "$P_MESH_DEDUP_OFF_ADMIN"
+    pid[off]=$LAST_PID
+    url=([on]="http://127.0.0.1:$P_MESH_DEDUP_ON/item" [off]="http://127.0.0.1:$P_MESH_DEDUP_OFF/item")
+    admin=([on]=$P_MESH_DEDUP_ON_ADMIN [off]=$P_MESH_DEDUP_OFF_ADMIN)
+    burst_cmd() { # burst_cmd URL SECONDS
+        printf '%s\n' oha --no-tui --output-format json -c "$BENCH_BURST_SIZE" -z "${2}s" -w \
+            --burst-delay "${BENCH_BURST_INTERVAL_MS}ms" --burst-rate "$BENCH_BURST_SIZE" "$1"
+    }
+    for t in on off; do
+        curl -fsS -o /dev/null "${url[$t]}" || die "dedup $t (${url[$t]}) does not answer 200"
+        mapfile -t cmd < <(burst_cmd "${url[$t]}" "$BENCH_WARMUP_SECONDS")
+        run_loadgen "warmup-dedup-$t" "${cmd[@]}"
+    done
+    python3 "$HERE/report.py" --check-warmup "$WORK" dedup on off || die "dedup warm-up failed (see above)"
+
+    mkdir -p "$RES/metrics"
+    for r in $(seq 1 "$BENCH_ROUNDS"); do
+        for t in $(rounds_order "$r" on off); do
+            log "dedup round $r/$BENCH_ROUNDS: dedup $t"
+            label="dedup-r$r-$t"
+            mapfile -t cmd < <(burst_cmd "${url[$t]}" "$BENCH_SECONDS")
+            c0=$(curl -fsS "http://127.0.0.1:$P_SLOW1/__count") || die "slow backend: no /__count"
+            scrape "${admin[$t]}" "$RES/metrics/$label.before.prom"
+            measure dedup "$t" "${pid[$t]}" burst "$label" "${cmd[@]}"
+            scrape "${admin[$t]}" "$RES/metrics/$label.after.prom"
+            c1=$(curl -fsS "http://127.0.0.1:$P_SLOW1/__count") || die "slow backend: no /__count"
+            printf '%s\t%s\n' "$label" "$((c1 - c0))" >>"$RES/backend.tsv"
+            sleep 0.3
+        done
+    done
+    for t in on off; do
+        kill -0 "${pid[$t]}" 2>/dev/null || die "meshlet (dedup $t) died during the dedup phase"
+        stop_pid "${pid[$t]}"
+    done
+    stop_pid "$slow_pid"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Run
 : >"$RES/cpu.tsv"
 : >"$RES/mem.tsv"
+: >"$RES/loadavg.tsv"
+: >"$RES/backend.tsv"
 START=$(date +%s)
 
 if [ "$BENCH_HTTP" = 1 ]; then
@@ -451,6 +641,21 @@ if [ "$BENCH_GRPC" = 1 ]; then
     wait_port "$P_GRPC2"
     run_phase grpc
     stop_pid "$GRPC_PID"
+fi
+
+if [ "$BENCH_STACK" = 1 ]; then
+    write_nginx_conf
+    log "stack: starting nginx (2 server blocks: $P_NGINX1, $P_NGINX2) on CPU $BENCH_SUT_CPU"
+    start_bg nginx-stack "$BENCH_SUT_CPU" "$NGINX_BIN" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" -e "$WORK/nginx/error.log"
+    NGINX_PID=$LAST_PID
+    wait_port "$P_NGINX1"
+    wait_port "$P_NGINX2"
+    run_stack
+    stop_pid "$NGINX_PID"
+fi
+
+if [ "$BENCH_DEDUP" = 1 ]; then
+    run_dedup
 fi
 
 echo "loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/env.txt"

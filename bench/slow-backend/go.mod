@@ -1,0 +1,3 @@
+module meshlet.bench/slow-backend
+
+go 1.24
