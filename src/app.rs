@@ -27,6 +27,8 @@ use crate::socket::{self, BindError};
 #[derive(Debug, Clone)]
 pub struct Addresses {
     pub admin: SocketAddr,
+    /// The gRPC health server (`admin.grpc_listen`), if configured.
+    pub grpc: Option<SocketAddr>,
     pub outbound: Option<SocketAddr>,
     pub inbound: Option<SocketAddr>,
     pub upstreams: Vec<SocketAddr>,
@@ -35,11 +37,14 @@ pub struct Addresses {
 pub struct App {
     config: Config,
     admin_listener: TcpListener,
+    grpc_listener: Option<TcpListener>,
     listeners: Vec<(Listener, TcpListener)>,
     addresses: Addresses,
     shutdown: CancellationToken,
     kube: Option<kube::Client>,
     app_probes: Option<Arc<AppProbes>>,
+    /// Pod annotations (via the environment) that could not be used; counted at start.
+    pod_errors: Vec<crate::policy::AnnotationError>,
 }
 
 impl App {
@@ -53,6 +58,7 @@ impl App {
                 addr: config.admin.listen.0,
                 source,
             })?,
+            grpc: None,
             outbound: None,
             inbound: None,
             upstreams: Vec::new(),
@@ -64,6 +70,12 @@ impl App {
                 source,
             })
         };
+        let mut grpc_listener = None;
+        if let Some(g) = &config.admin.grpc_listen {
+            let l = socket::bind(g.0, "admin.grpc_listen")?;
+            addresses.grpc = Some(local(&l, "admin.grpc_listen", g.0)?);
+            grpc_listener = Some(l);
+        }
         if let Some(o) = &config.outbound {
             let l = socket::bind(o.listen.0, "outbound.listen")?;
             addresses.outbound = Some(local(&l, "outbound.listen", o.listen.0)?);
@@ -83,11 +95,13 @@ impl App {
         Ok(App {
             config,
             admin_listener,
+            grpc_listener,
             listeners,
             addresses,
             shutdown: CancellationToken::new(),
             kube: None,
             app_probes: None,
+            pod_errors: Vec::new(),
         })
     }
 
@@ -109,6 +123,10 @@ impl App {
         self.app_probes = probes.map(Arc::new);
     }
 
+    pub fn set_pod_errors(&mut self, errors: Vec<crate::policy::AnnotationError>) {
+        self.pod_errors = errors;
+    }
+
     pub fn addresses(&self) -> &Addresses {
         &self.addresses
     }
@@ -126,6 +144,12 @@ impl App {
             return false;
         }
         let metrics = Arc::new(Metrics::new());
+        for e in &self.pod_errors {
+            metrics
+                .policy_errors
+                .with_label_values(&["pod", &e.key])
+                .inc();
+        }
         let readiness = Readiness::default();
         let kube = self
             .kube
@@ -151,6 +175,17 @@ impl App {
         for u in &self.config.upstreams {
             proxy.service(&u.service);
         }
+        // Declared dependencies are watched from the start, used or not.
+        for d in self.config.health.declared() {
+            proxy.service(&d.into());
+        }
+        let admin_stop = CancellationToken::new();
+        let dependencies = crate::health::model::start(
+            crate::health::model::Settings::from_config(&self.config.health),
+            proxy.clone(),
+            metrics.clone(),
+            admin_stop.clone(),
+        );
 
         let report = proxy.clone();
         let admin = Arc::new(Admin {
@@ -166,8 +201,18 @@ impl App {
                 .inbound
                 .as_ref()
                 .map_or(IpAddr::from([127, 0, 0, 1]), |i| i.app_host.0),
+            dependencies,
+            ready_requires: self.config.health.ready_requires,
+            outage_grace: self.config.health.outage_grace.0,
         });
-        let admin_stop = CancellationToken::new();
+        let grpc_task = self.grpc_listener.take().map(|l| {
+            tracing::info!(address = ?l.local_addr().ok(), "gRPC health listening");
+            tokio::spawn(crate::health::grpc::serve(
+                admin.clone(),
+                l,
+                admin_stop.clone(),
+            ))
+        });
         let admin_task = tokio::spawn(admin.serve(self.admin_listener, admin_stop.clone()));
 
         let mut servers = Vec::new();
@@ -199,6 +244,9 @@ impl App {
         }
         admin_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+        if let Some(t) = grpc_task {
+            let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+        }
         drained
     }
 }

@@ -461,6 +461,22 @@ impl Balancer {
         *guard = Arc::from(list);
     }
 
+    /// Whether discovery has delivered the first full endpoint set.
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// `(endpoints, ejected by the breaker now)`.
+    pub fn ejection_counts(&self) -> (usize, usize) {
+        let now = Instant::now();
+        let list = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        let ejected = list
+            .iter()
+            .filter(|e| e.breaker().state(now) != breaker::State::Closed)
+            .count();
+        (list.len(), ejected)
+    }
+
     pub fn len(&self) -> usize {
         self.endpoints
             .read()

@@ -59,6 +59,9 @@ pub struct Config {
     /// Runtime worker threads; default: the cgroup CPU limit (rounded up), at least 1.
     pub workers: Option<usize>,
     pub log: LogConfig,
+    /// Dependency health: which destinations the app depends on and whether `/ready` follows
+    /// the critical ones.
+    pub health: HealthConfig,
 }
 
 impl Default for Config {
@@ -75,6 +78,7 @@ impl Default for Config {
             shutdown_grace: Dur(Duration::from_secs(30)),
             workers: None,
             log: LogConfig::default(),
+            health: HealthConfig::default(),
         }
     }
 }
@@ -83,14 +87,101 @@ impl Default for Config {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: Addr,
+    /// The gRPC health server (grpc.health.v1.Health); not started when absent.
+    pub grpc_listen: Option<Addr>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: Addr(DEFAULT_ADMIN.parse().expect("valid default")),
+            grpc_listen: None,
         }
     }
+}
+
+/// `health:`: the dependency health model (see `crate::health::model`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Destination services the app depends on (`name.namespace`), watched from the start
+    /// (every service the proxy is used for is a dependency as well).
+    pub dependencies: Vec<ServiceName>,
+    /// Dependencies whose trouble may fail `/ready` (with `ready_requires: critical`). A
+    /// critical service is a dependency whether or not it is listed there.
+    pub critical: Vec<ServiceName>,
+    /// What `/ready` requires of the dependencies.
+    pub ready_requires: ReadyRequires,
+    /// A dependency's new state takes effect once it has held this long.
+    pub hysteresis: Dur,
+    /// A critical dependency unhealthy for longer than this stops failing `/ready` (a shared
+    /// outage: taking every replica out of service would make it worse).
+    pub outage_grace: Dur,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            dependencies: Vec::new(),
+            critical: Vec::new(),
+            ready_requires: ReadyRequires::None,
+            hysteresis: Dur(Duration::from_secs(5)),
+            outage_grace: Dur(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl HealthConfig {
+    /// Adds the dependencies named in the environment (`MESHLET_DEPENDENCIES`,
+    /// `MESHLET_CRITICAL_DEPENDENCIES`: comma-separated `name.namespace` lists, which the
+    /// injector writes from the pod annotations `meshlet.dev/dependencies` and
+    /// `meshlet.dev/critical-dependencies`). Errors name the variable and the value.
+    pub fn add_from_env(
+        &mut self,
+        dependencies: Option<&str>,
+        critical: Option<&str>,
+    ) -> Result<(), String> {
+        fn list(var: &str, v: Option<&str>) -> Result<Vec<ServiceName>, String> {
+            v.unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| ServiceName::parse(s).map_err(|e| format!("{var}: {e}")))
+                .collect()
+        }
+        for d in list("MESHLET_DEPENDENCIES", dependencies)? {
+            if !self.dependencies.contains(&d) {
+                self.dependencies.push(d);
+            }
+        }
+        for d in list("MESHLET_CRITICAL_DEPENDENCIES", critical)? {
+            if !self.critical.contains(&d) {
+                self.critical.push(d);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every dependency named up front: `dependencies` and `critical`, each once.
+    pub fn declared(&self) -> Vec<ServiceName> {
+        let mut all: Vec<ServiceName> = self.dependencies.clone();
+        for c in &self.critical {
+            if !all.contains(c) {
+                all.push(c.clone());
+            }
+        }
+        all
+    }
+}
+
+/// `health.ready_requires`: whether `/ready` follows the critical dependencies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyRequires {
+    /// `/ready` never depends on dependencies (they are reported only).
+    None,
+    /// `/ready` fails while a critical dependency is unhealthy (within `outage_grace`).
+    Critical,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -525,6 +616,26 @@ impl Config {
             }
         }
 
+        if self.health.outage_grace.0.is_zero() {
+            return Err((
+                "health.outage_grace".into(),
+                "\"0s\" is not allowed: a critical dependency would never fail readiness; \
+                 use ready_requires: none for that"
+                    .into(),
+            ));
+        }
+        for (key, list) in [
+            ("health.dependencies", &self.health.dependencies),
+            ("health.critical", &self.health.critical),
+        ] {
+            let mut seen = BTreeSet::new();
+            for (i, d) in list.iter().enumerate() {
+                if !seen.insert(d) {
+                    return Err((format!("{key}[{i}]"), format!("\"{d}\" is listed twice")));
+                }
+            }
+        }
+
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err((
                 "log.level".into(),
@@ -546,6 +657,9 @@ impl Config {
             Ok(())
         };
         claim(self.admin.listen.0, "admin.listen".into())?;
+        if let Some(g) = &self.admin.grpc_listen {
+            claim(g.0, "admin.grpc_listen".into())?;
+        }
         if let Some(o) = &self.outbound {
             claim(o.listen.0, "outbound.listen".into())?;
         }
@@ -727,6 +841,66 @@ upstreams:
         assert!(e.contains("workers: 0 is not allowed"), "{e}");
         let e = err("workers: many\n");
         assert!(e.contains("workers") && e.contains("many"), "{e}");
+    }
+
+    #[test]
+    fn health_section() {
+        let c = Config::parse(
+            "c.yaml",
+            "admin:\n  grpc_listen: 127.0.0.1:7191\nhealth:\n  dependencies: [web.default, db.default]\n  critical: [db.default, cache.default]\n  ready_requires: critical\n  hysteresis: 300ms\n  outage_grace: 1s\n",
+        )
+        .unwrap();
+        assert_eq!(c.health.ready_requires, ReadyRequires::Critical);
+        assert_eq!(c.health.hysteresis.0, Duration::from_millis(300));
+        assert_eq!(c.health.declared().len(), 3);
+        assert_eq!(c.admin.grpc_listen.unwrap().0.port(), 7191);
+        let d = Config::parse("c.yaml", "").unwrap().health;
+        assert_eq!(d.ready_requires, ReadyRequires::None);
+        assert_eq!(d.hysteresis.0, Duration::from_secs(5));
+        assert_eq!(d.outage_grace.0, Duration::from_secs(30));
+
+        let e = err("health:\n  ready_requires: all\n");
+        assert!(
+            e.contains("health.ready_requires") && e.contains("all"),
+            "{e}"
+        );
+        let e = err("health:\n  dependencies: [Db]\n");
+        assert!(
+            e.contains("health.dependencies[0]: \"Db\" is not a service name"),
+            "{e}"
+        );
+        let e = err("health:\n  critical: [a.b, a.b]\n");
+        assert!(
+            e.contains("health.critical[1]: \"a.b\" is listed twice"),
+            "{e}"
+        );
+        let e = err("health:\n  outage_grace: 0s\n");
+        assert!(
+            e.contains("health.outage_grace: \"0s\" is not allowed"),
+            "{e}"
+        );
+        let e = err("health:\n  hysteresis: later\n");
+        assert!(
+            e.contains("health.hysteresis: \"later\" is not a duration"),
+            "{e}"
+        );
+        let e = err("health:\n  bogus: 1\n");
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+        let e = err("admin:\n  listen: 127.0.0.1:7190\n  grpc_listen: 127.0.0.1:7190\n");
+        assert!(
+            e.contains("admin.grpc_listen: \"127.0.0.1:7190\" is already used by admin.listen"),
+            "{e}"
+        );
+
+        let mut h = HealthConfig::default();
+        h.add_from_env(Some("db.prod, users.prod,"), Some("db.prod"))
+            .unwrap();
+        assert_eq!(h.declared().len(), 2);
+        let e = h.add_from_env(None, Some("nope")).unwrap_err();
+        assert!(
+            e.starts_with("MESHLET_CRITICAL_DEPENDENCIES: \"nope\""),
+            "{e}"
+        );
     }
 
     #[test]

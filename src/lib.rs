@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod pod;
 pub mod policy;
 pub mod proxy;
 pub mod readiness;

@@ -51,13 +51,26 @@ fn proxy(path: Option<PathBuf>, log_json: bool) -> ExitCode {
         Some(p) => Config::load(p),
         None => Config::parse("(defaults)", ""),
     };
-    let config = match config {
+    let mut config = match config {
         Ok(c) => c,
         Err(e) => {
             eprintln!("meshlet: {e}");
             return ExitCode::from(2);
         }
     };
+    // Dependencies named by the injector (from the pod's meshlet.dev/dependencies and
+    // meshlet.dev/critical-dependencies annotations) add to the config file's.
+    let deps = std::env::var("MESHLET_DEPENDENCIES").ok();
+    let critical = std::env::var("MESHLET_CRITICAL_DEPENDENCIES").ok();
+    if let Err(e) = config
+        .health
+        .add_from_env(deps.as_deref(), critical.as_deref())
+    {
+        eprintln!("meshlet: {e}");
+        return ExitCode::from(2);
+    }
+    // Inbound limits from the pod's annotations, which the injector passes as MESHLET_* env.
+    let pod_errors = meshlet::pod::apply_inbound_limits(&mut config, |k| std::env::var(k).ok());
     let app_probes = match app_probes() {
         Ok(p) => p,
         Err(e) => {
@@ -66,6 +79,12 @@ fn proxy(path: Option<PathBuf>, log_json: bool) -> ExitCode {
         }
     };
     init_logging(&config, log_json);
+    for e in &pod_errors {
+        tracing::warn!(
+            key = %e.key, value = %e.value, error = %e.error,
+            "ignoring a meshlet annotation of this pod; the config file's value is used"
+        );
+    }
 
     let workers = config.worker_threads();
     let runtime = if workers == 1 {
@@ -95,6 +114,7 @@ fn proxy(path: Option<PathBuf>, log_json: bool) -> ExitCode {
             }
         };
         app.set_app_probes(app_probes);
+        app.set_pod_errors(pod_errors);
         if let Err(e) = app.connect().await {
             eprintln!("meshlet: discovery.kubernetes: {e}");
             return ExitCode::FAILURE;

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub timeouts: IntCounterVec,
     /// Inbound requests refused by the concurrency or rate limit.
     pub inbound_refused: IntCounterVec,
+    /// 1 for each dependency's current state, 0 for its other states.
+    pub dependency_state: IntGaugeVec,
+    /// Dependency state changes (after hysteresis), by the state changed to.
+    pub dependency_transitions: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -197,6 +201,18 @@ impl Metrics {
                 "meshlet_inbound_refused_total",
                 "Inbound requests refused at once by a limit (concurrency, rate)",
                 &["limit"],
+            ),
+            dependency_state: gauge(
+                &r,
+                "meshlet_dependency_state",
+                "1 for a dependency's current state (unknown, healthy, degraded, unhealthy), 0 for the others",
+                &["dependency", "state"],
+            ),
+            dependency_transitions: counter(
+                &r,
+                "meshlet_dependency_transitions_total",
+                "Dependency state changes (after hysteresis), by the state changed to",
+                &["dependency", "to"],
             ),
             registry: r,
         }

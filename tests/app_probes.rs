@@ -45,7 +45,19 @@ async fn meshlet_with(probes: &str) -> Meshlet {
         shutdown,
         done,
     };
-    m.wait_ready().await;
+    // Not `/ready`: it includes the app's readyz probes, which some tests make fail. Wait
+    // for the proxy's own readiness, as `/health` reports it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok((200, body)) = admin_get(m.addrs.admin, "/health").await {
+            let h: serde_json::Value = serde_json::from_str(&body).expect("/health is JSON");
+            if h["proxy"]["ready"] == true {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "meshlet not ready in time");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     m
 }
 

@@ -525,6 +525,19 @@ impl Resolve for Arc<KubeResolver> {
     fn detail(&self) -> Vec<String> {
         self.staleness()
     }
+
+    fn stale(&self, service: &ServiceRef) -> Option<String> {
+        let h = lock(&self.health);
+        let label = format!("endpointslices {service}");
+        ["services", label.as_str()].iter().find_map(|w| {
+            h.failing.get(*w).map(|(since, why)| {
+                format!(
+                    "discovery stale: watch {w} failing for {:?}: {why}",
+                    Duration::from_secs(since.elapsed().as_secs())
+                )
+            })
+        })
+    }
 }
 
 #[cfg(test)]

@@ -43,6 +43,11 @@ pub trait Resolve: Send + Sync + 'static {
     fn detail(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Why the service's endpoints may be out of date (its watch is failing), if they may.
+    fn stale(&self, _service: &ServiceRef) -> Option<String> {
+        None
+    }
 }
 
 /// Static services first, then the Kubernetes API: a service listed in the config file wins.
@@ -67,5 +72,12 @@ impl Resolve for Chain {
 
     fn detail(&self) -> Vec<String> {
         self.then.as_ref().map(|k| k.detail()).unwrap_or_default()
+    }
+
+    fn stale(&self, service: &ServiceRef) -> Option<String> {
+        match &self.then {
+            Some(k) if !self.first.has(service) => k.stale(service),
+            _ => None,
+        }
     }
 }

@@ -5,4 +5,12 @@
 //! probes to go through the sidecar, which keeps them working when inbound traffic is
 //! intercepted, and lets meshlet fold the app's own health into its readiness.
 
+//!
+//! [`model`]: the dependency health model (per destination service: healthy, degraded or
+//! unhealthy, with the reason), fed by [`window`], the recent request outcomes per destination.
+//! [`grpc`]: grpc.health.v1.Health on `admin.grpc_listen`.
+
+pub mod grpc;
+pub mod model;
 pub mod probes;
+pub mod window;

@@ -805,7 +805,7 @@ fn encode_check_request(service: &str) -> Result<Bytes, String> {
     Ok(Bytes::from(out))
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8 & 0x7f) | 0x80);
         v >>= 7;
@@ -814,7 +814,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// Reads a varint at `*at`, advancing it; `None` when truncated or longer than 10 bytes.
-fn get_varint(buf: &[u8], at: &mut usize) -> Option<u64> {
+pub(super) fn get_varint(buf: &[u8], at: &mut usize) -> Option<u64> {
     let mut v = 0u64;
     for shift in (0..70).step_by(7) {
         let b = *buf.get(*at)?;

@@ -31,7 +31,13 @@ pub async fn handle(t: Arc<Target>, req: Request<Incoming>) -> Result<Response<B
         .requests
         .with_label_values(&[t.direction.as_str(), &t.service, rsp.status().as_str()])
         .inc();
-    t.duration.observe(start.elapsed().as_secs_f64());
+    let elapsed = start.elapsed();
+    t.duration.observe(elapsed.as_secs_f64());
+    t.window.record(
+        rsp.status().as_u16(),
+        elapsed,
+        rsp.headers().get(&MESHLET_ERROR),
+    );
     Ok(rsp)
 }
 

@@ -128,6 +128,8 @@ pub struct Target {
     pub limits: Option<Arc<InboundLimits>>,
     /// The retry budget and deduplication of the current policy.
     resilience: Mutex<Option<Arc<Resilience>>>,
+    /// Recent request outcomes (success rate, latency, last error) for the health model.
+    pub window: crate::health::window::Window,
 }
 
 /// Limits on requests to the local app, shared by every inbound port.
@@ -166,6 +168,7 @@ impl Target {
             tasks: tasks.clone(),
             limits,
             resilience: Mutex::new(None),
+            window: crate::health::window::Window::new(),
         }
     }
 
@@ -340,6 +343,19 @@ impl Proxy {
         ));
         map.insert(name.clone(), t.clone());
         t
+    }
+
+    /// Every destination service in use (the outbound targets), for the health model.
+    pub fn outbound_targets(&self) -> Vec<(ServiceRef, Arc<Target>)> {
+        lock(&self.outbound)
+            .iter()
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect()
+    }
+
+    /// Whether discovery has something to say about a service going stale.
+    pub fn discovery_stale(&self, service: &ServiceRef) -> Option<String> {
+        self.resolver.stale(service)
     }
 
     /// Every destination service in use and its endpoints' state, for the admin server's

@@ -24,6 +24,7 @@ pub async fn proxy<I>(t: &Target, mut client: I, prefix: BytesMut)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
+    t.window.mark_used();
     t.route.wait_synced().await;
     let connect_timeout = t.route.policy().connect_timeout.0;
     let mut tried: Vec<SocketAddr> = Vec::new();
