@@ -178,7 +178,7 @@ impl Admin {
                 "no app probes are configured (MESHLET_APP_PROBES is not set)\n".into(),
             );
         };
-        match probes.run(container, probe, self.app_host).await {
+        match self.run_probe(probes, container, probe).await {
             None => text(
                 StatusCode::NOT_FOUND,
                 format!("no {probe:?} probe is configured for container {container:?}\n"),
@@ -195,6 +195,26 @@ impl Admin {
         }
     }
 
+    /// Runs one of the app's probes and counts its result and duration.
+    async fn run_probe(
+        &self,
+        probes: &AppProbes,
+        container: &str,
+        probe: &str,
+    ) -> Option<crate::health::probes::ProbeResult> {
+        let r = probes.run(container, probe, self.app_host).await?;
+        let result = if r.success { "success" } else { "failure" };
+        self.metrics
+            .app_probes
+            .with_label_values(&[container, probe, result])
+            .inc();
+        self.metrics
+            .app_probe_duration
+            .with_label_values(&[container, probe])
+            .observe(r.duration.as_secs_f64());
+        Some(r)
+    }
+
     /// Runs the app's probes of kind `only` (or all of them), concurrently.
     async fn run_app_probes(&self, only: Option<&str>) -> Vec<AppResult> {
         let Some(probes) = &self.app_probes else {
@@ -205,14 +225,11 @@ impl Admin {
             .into_iter()
             .filter(|(_, p)| only.is_none_or(|o| o == *p))
             .map(|(c, p)| async move {
-                probes
-                    .run(c, p, self.app_host)
-                    .await
-                    .map(|result| AppResult {
-                        container: c.to_string(),
-                        probe: p,
-                        result,
-                    })
+                self.run_probe(probes, c, p).await.map(|result| AppResult {
+                    container: c.to_string(),
+                    probe: p,
+                    result,
+                })
             });
         futures_util::future::join_all(runs)
             .await

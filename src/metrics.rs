@@ -55,6 +55,10 @@ pub struct Metrics {
     pub dependency_state: IntGaugeVec,
     /// Dependency state changes (after hysteresis), by the state changed to.
     pub dependency_transitions: IntCounterVec,
+    /// The app's original probes run through `/app-health`, `/ready` and `/health`.
+    pub app_probes: IntCounterVec,
+    /// How long the app's probes took.
+    pub app_probe_duration: HistogramVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -214,6 +218,27 @@ impl Metrics {
                 "Dependency state changes (after hysteresis), by the state changed to",
                 &["dependency", "to"],
             ),
+            app_probes: counter(
+                &r,
+                "meshlet_app_probes_total",
+                "The app's original kubelet probes run by meshlet, by result (success, failure)",
+                &["container", "probe", "result"],
+            ),
+            app_probe_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "meshlet_app_probe_duration_seconds",
+                        "How long the app's original kubelet probes took",
+                    )
+                    .buckets(vec![
+                        0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
+                    &["container", "probe"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             registry: r,
         }
     }

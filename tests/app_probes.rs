@@ -186,6 +186,30 @@ async fn http_get_passes_on_200_to_399_and_fails_otherwise() {
     let (status, body) = probe(&m, "bad", "readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("HTTP 500 Internal Server Error"), "{body}");
+
+    // Every probe run is counted by result, with its duration.
+    let text = m.metrics().await;
+    let sample = |line: &str| {
+        text.lines()
+            .find(|l| l.starts_with(line))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    // (/health, polled at startup, runs every probe too.)
+    assert!(
+        sample(r#"meshlet_app_probes_total{container="bad",probe="livez",result="failure"}"#)
+            .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        sample(r#"meshlet_app_probes_total{container="ok",probe="livez",result="success"}"#)
+            .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("meshlet_app_probe_duration_seconds_bucket"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
