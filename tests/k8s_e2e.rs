@@ -983,6 +983,139 @@ async fn transparent_mode_in_a_pod(ctx: &Ctx) -> TestResult {
     Ok(())
 }
 
+/// The dependency `name`'s entry in the JSON of a sidecar's `/health`.
+async fn dependency_health(
+    admin: std::net::SocketAddr,
+    name: &str,
+) -> Result<serde_json::Value, String> {
+    let (status, body) = support::admin_get(admin, "/health").await?;
+    if status != 200 {
+        return Err(format!("/health answered {status}: {body}"));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("/health: {e}: {body}"))?;
+    v["dependencies"]
+        .as_array()
+        .and_then(|deps| deps.iter().find(|d| d["name"] == name))
+        .cloned()
+        .ok_or_else(|| format!("/health does not list {name}: {body}"))
+}
+
+/// A pod's readiness follows a critical dependency: the meshlet sidecar's `/ready` (the pod's
+/// readinessProbe) fails while the dependency has no endpoints, so the pod leaves its Service's
+/// EndpointSlice, and comes back once the dependency does.
+async fn readiness_follows_a_critical_dependency(ctx: &Ctx) -> TestResult {
+    let ns = ctx.namespace("readiness").await?;
+    let dep = format!("db.{ns}");
+    ctx.apply_service(
+        &ns,
+        service("db", "db", &[(80, "http", json!("http"))], false),
+    )
+    .await?;
+    ctx.apply_service(
+        &ns,
+        service("web", "web", &[(80, "http", json!(8080))], false),
+    )
+    .await?;
+    ctx.create_pod(&ns, app_pod("db-0", "db", &[(8080, "http")]))
+        .await?;
+    ctx.wait_endpoints(&ns, "db", 1).await?;
+
+    // web-0: the app, and the meshlet sidecar whose /ready is the pod's readiness probe.
+    let kubeconfig = ctx.cluster.pod_kubeconfig();
+    std::fs::set_permissions(
+        &kubeconfig,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .ok();
+    let config = ctx.cluster.dir.join(format!("{ns}-meshlet.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "admin:\n  listen: 0.0.0.0:7190\ndiscovery:\n  kubernetes:\n    kubeconfig: {}\nhealth:\n  dependencies: [{dep}]\n  critical: [{dep}]\n  ready_requires: critical\n  hysteresis: 1s\n  outage_grace: 10m\n",
+            kubeconfig.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).ok();
+    ctx.create_pod(
+        &ns,
+        json!({
+            "metadata": {"name": "web-0", "labels": {"app": "web"}},
+            "spec": {
+                "terminationGracePeriodSeconds": 2,
+                "containers": [
+                    {"name": "app", "image": "e2e-app",
+                     "env": [{"name": "POD_NAME", "value": "web-0"}, {"name": "LISTEN", "value": ":8080"}],
+                     "ports": [{"containerPort": 8080, "name": "http"}]},
+                    {"name": "meshlet", "image": "meshlet", "args": ["proxy", "--config", config.display().to_string()],
+                     "securityContext": {"runAsUser": 7102, "runAsGroup": 7102},
+                     "readinessProbe": {"httpGet": {"path": "/ready", "port": 7190},
+                                        "periodSeconds": 1, "failureThreshold": 1}},
+                ],
+            },
+        }),
+    )
+    .await?;
+    ctx.wait_endpoints(&ns, "web", 1).await?;
+    let ip = ctx
+        .cluster
+        .kubelet
+        .pod_ip(&ns, "web-0")
+        .ok_or("no IP for web-0")?;
+    let admin: std::net::SocketAddr = (ip, 7190).into();
+    let d = dependency_health(admin, &dep).await?;
+    if d["state"] != "healthy" || d["critical"] != true || d["declared"] != true {
+        return Err(format!("{dep} before the change: {d}"));
+    }
+
+    // Take the dependency away: web-0 must leave web's EndpointSlice.
+    ctx.delete_pod(&ns, "db-0").await?;
+    let removed = Instant::now();
+    wait_for(
+        "web-0 not ready in web's EndpointSlice",
+        Duration::from_secs(30),
+        || async {
+            ctx.ready_endpoints(&ns, "web")
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await?;
+    let out_after = removed.elapsed();
+    let d = dependency_health(admin, &dep).await?;
+    let reason = d["reason"].as_str().unwrap_or_default();
+    if d["state"] != "unhealthy" || !reason.contains("endpoints") {
+        return Err(format!("{dep} without endpoints: {d}"));
+    }
+    let (status, body) = support::admin_get(admin, "/ready").await?;
+    if status != 503 || !body.contains(&format!("critical dependency {dep} unhealthy")) {
+        return Err(format!("/ready without {dep}: {status} {body}"));
+    }
+
+    // Bring it back: web-0 must return to the slice.
+    ctx.create_pod(&ns, app_pod("db-1", "db", &[(8080, "http")]))
+        .await?;
+    let restored = Instant::now();
+    wait_for(
+        "web-0 ready again in web's EndpointSlice",
+        Duration::from_secs(30),
+        || async { (ctx.ready_endpoints(&ns, "web").await.len() == 1).then_some(()) },
+    )
+    .await?;
+    let back_after = restored.elapsed();
+    let d = dependency_health(admin, &dep).await?;
+    if d["state"] != "healthy" {
+        return Err(format!("{dep} after db-1: {d}"));
+    }
+    println!(
+        "    db-0 deleted -> web-0 out of web's EndpointSlice in {out_after:?}; \
+         db-1 created -> web-0 back in {back_after:?}"
+    );
+    Ok(())
+}
+
 /// The RBAC manifest is what meshlet needs, and enough: with a service account token bound only
 /// by manifests/meshlet-proxy-rbac.yaml, discovery works; without it, meshlet stays unready; and
 /// the token can do nothing else (listing pods is forbidden).
@@ -1196,6 +1329,7 @@ fn main() {
         trial!(breaker_from_service_annotations),
         trial!(dedup_from_service_annotation_follows_changes),
         trial!(invalid_annotation_is_ignored_and_counted),
+        trial!(readiness_follows_a_critical_dependency),
         trial!(api_server_down_keeps_traffic_flowing),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
