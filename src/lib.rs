@@ -13,6 +13,8 @@ pub mod config;
 pub mod dedup;
 pub mod discovery;
 pub mod health;
+pub mod init;
+pub mod inject;
 pub mod limits;
 pub mod metrics;
 pub mod pod;

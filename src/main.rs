@@ -26,6 +26,10 @@ enum Command {
         #[arg(long)]
         log_json: bool,
     },
+    /// Write the pod's iptables NAT rules that send its TCP traffic through the sidecar.
+    Init(meshlet::init::InitArgs),
+    /// Serve the mutating admission webhook that meshes pods by annotation.
+    Inject(meshlet::inject::server::InjectArgs),
     /// Print the version and build information.
     Version,
 }
@@ -43,6 +47,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Proxy { config, log_json } => proxy(config, log_json),
+        Command::Init(args) => meshlet::init::run(&args),
+        Command::Inject(args) => meshlet::inject::server::main(args),
     }
 }
 

@@ -1,0 +1,678 @@
+//! The webhook server: AdmissionReview v1 over TLS (rustls).
+//!
+//! - `POST /mutate`: an AdmissionReview v1 in, an AdmissionReview v1 out, `allowed: true`
+//!   always, with a base64 JSON Patch (`patchType: JSONPatch`) when the pod is meshed and the
+//!   reasons and annotation problems in `warnings`. A body that is not an AdmissionReview v1 is
+//!   answered 400 with the reason; an object that is not a Pod, or a Pod that cannot be read, is
+//!   allowed unchanged with a warning: the webhook never blocks a pod.
+//! - `GET /healthz`: 200 `ok`.
+//! - `GET /metrics`: Prometheus text (`meshlet_inject_*`).
+//!
+//! The serving certificate is re-read when its files change (checked on each TLS handshake:
+//! two `stat` calls), so a renewed Secret is picked up by new connections without a restart; a
+//! half-written or mismatched pair is ignored (the previous one stays) until it is whole.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
+use tokio_util::sync::CancellationToken;
+
+use super::patch::{self, InjectConfig, Outcome};
+
+/// The API server sends at most 3 MiB objects; leave room for the review around it.
+const MAX_BODY: usize = 4 * 1024 * 1024;
+/// The API server's default webhook timeout is 10 s; a handshake or request slower than this
+/// is a client problem.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `meshlet inject`'s flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InjectArgs {
+    /// The address to serve HTTPS on.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// The serving certificate chain (PEM); re-read when it changes.
+    #[arg(long)]
+    pub tls_cert: PathBuf,
+    /// The serving certificate's private key (PEM); re-read when it changes.
+    #[arg(long)]
+    pub tls_key: PathBuf,
+    /// The meshlet image injected (init container and sidecar).
+    #[arg(long, env = "MESHLET_INJECT_IMAGE", default_value_t = InjectConfig::default().image)]
+    pub image: String,
+    /// The injected containers' imagePullPolicy (default: Kubernetes').
+    #[arg(long)]
+    pub image_pull_policy: Option<String>,
+    /// Inject the sidecar as the first regular container with a postStart hook, for clusters
+    /// without native sidecars (Kubernetes < 1.29).
+    #[arg(long)]
+    pub classic_sidecars: bool,
+    /// A ConfigMap in the pod's namespace holding the proxy's config under `config.yaml`.
+    #[arg(long)]
+    pub proxy_config_map: Option<String>,
+    /// Do not watch Namespaces (namespace opt-in then never applies; pod annotations still do).
+    #[arg(long)]
+    pub no_namespace_watch: bool,
+}
+
+/// Looks a namespace up by name (for namespace-level opt-in).
+pub type NamespaceLookup = Arc<dyn Fn(&str) -> Option<Namespace> + Send + Sync>;
+
+/// The webhook's counters.
+#[derive(Default)]
+pub struct Metrics {
+    injected: AtomicU64,
+    skipped: Mutex<BTreeMap<String, u64>>,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Metrics {
+    fn skip(&self, reason: &str) {
+        *lock(&self.skipped).entry(reason.to_string()).or_default() += 1;
+    }
+
+    fn error(&self, kind: &'static str) {
+        *lock(&self.errors).entry(kind).or_default() += 1;
+    }
+
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut s = String::from(
+            "# HELP meshlet_inject_injected_total Pods meshed.\n\
+             # TYPE meshlet_inject_injected_total counter\n",
+        );
+        s += &format!(
+            "meshlet_inject_injected_total {}\n",
+            self.injected.load(Ordering::Relaxed)
+        );
+        s += "# HELP meshlet_inject_skipped_total Pods left alone, by reason.\n\
+              # TYPE meshlet_inject_skipped_total counter\n";
+        for (reason, n) in lock(&self.skipped).iter() {
+            s += &format!("meshlet_inject_skipped_total{{reason={reason:?}}} {n}\n");
+        }
+        s += "# HELP meshlet_inject_errors_total Requests that could not be handled normally.\n\
+              # TYPE meshlet_inject_errors_total counter\n";
+        for (kind, n) in lock(&self.errors).iter() {
+            s += &format!("meshlet_inject_errors_total{{kind={kind:?}}} {n}\n");
+        }
+        s
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The admission logic, apart from HTTP and TLS.
+pub struct Webhook {
+    pub config: InjectConfig,
+    pub namespaces: NamespaceLookup,
+    pub metrics: Metrics,
+}
+
+impl Webhook {
+    pub fn new(config: InjectConfig, namespaces: NamespaceLookup) -> Self {
+        Webhook {
+            config,
+            namespaces,
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Answers one AdmissionReview body: `Ok(the response review)`, or `Err(why)` when the
+    /// body is not an AdmissionReview v1 (a 400).
+    pub fn review(&self, body: &[u8]) -> Result<Value, String> {
+        let review: Value = serde_json::from_slice(body).map_err(|e| {
+            self.metrics.error("malformed_review");
+            format!("the body is not JSON: {e}")
+        })?;
+        let api_version = review.get("apiVersion").and_then(Value::as_str);
+        let kind = review.get("kind").and_then(Value::as_str);
+        if api_version != Some("admission.k8s.io/v1") || kind != Some("AdmissionReview") {
+            self.metrics.error("malformed_review");
+            return Err(format!(
+                "expected an admission.k8s.io/v1 AdmissionReview, got apiVersion {} kind {}",
+                api_version.map_or("(none)".into(), |s| format!("{s:?}")),
+                kind.map_or("(none)".into(), |s| format!("{s:?}")),
+            ));
+        }
+        let request = review.get("request").filter(|r| r.is_object());
+        let Some(uid) = request
+            .and_then(|r| r.get("uid"))
+            .and_then(Value::as_str)
+            .filter(|u| !u.is_empty())
+        else {
+            self.metrics.error("malformed_review");
+            return Err("the AdmissionReview has no request.uid".into());
+        };
+        let request = request.unwrap_or(&Value::Null);
+        let response = self.respond(request);
+        let mut response = match response {
+            Answer::Patch(ops, warnings) => {
+                let patch = serde_json::to_vec(&ops).unwrap_or_default();
+                json!({
+                    "allowed": true,
+                    "patchType": "JSONPatch",
+                    "patch": base64::engine::general_purpose::STANDARD.encode(patch),
+                    "warnings": warnings,
+                })
+            }
+            Answer::Allow(warnings) if warnings.is_empty() => json!({"allowed": true}),
+            Answer::Allow(warnings) => json!({"allowed": true, "warnings": warnings}),
+        };
+        response["uid"] = uid.into();
+        Ok(json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "response": response,
+        }))
+    }
+
+    fn respond(&self, request: &Value) -> Answer {
+        let kind = request.get("kind").cloned().unwrap_or(Value::Null);
+        let group = kind.get("group").and_then(Value::as_str).unwrap_or("");
+        let k = kind.get("kind").and_then(Value::as_str).unwrap_or("");
+        if !group.is_empty() || k != "Pod" {
+            self.metrics.error("unknown_kind");
+            let version = kind.get("version").and_then(Value::as_str).unwrap_or("");
+            return Answer::Allow(vec![format!(
+                "meshlet inject: {group}/{version} {k:?} is not a Pod; left unchanged"
+            )]);
+        }
+        if let Some(sub) = request.get("subResource").and_then(Value::as_str) {
+            if !sub.is_empty() {
+                self.metrics.skip("subresource");
+                return Answer::Allow(Vec::new());
+            }
+        }
+        let operation = request.get("operation").and_then(Value::as_str);
+        if operation.is_some_and(|o| o != "CREATE") {
+            self.metrics.skip("not a create");
+            return Answer::Allow(Vec::new());
+        }
+        let pod: Pod = match request
+            .get("object")
+            .map(|o| serde_json::from_value::<Pod>(o.clone()))
+        {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                self.metrics.error("unparsable_pod");
+                return Answer::Allow(vec![format!(
+                    "meshlet inject: cannot read the pod ({e}); not meshed"
+                )]);
+            }
+            None => {
+                self.metrics.error("unparsable_pod");
+                return Answer::Allow(vec![
+                    "meshlet inject: the request has no object; not meshed".into(),
+                ]);
+            }
+        };
+        let ns_name = request
+            .get("namespace")
+            .and_then(Value::as_str)
+            .or(pod.metadata.namespace.as_deref())
+            .unwrap_or("");
+        let namespace = if ns_name.is_empty() {
+            None
+        } else {
+            (self.namespaces)(ns_name)
+        };
+        match patch::inject(&pod, namespace.as_ref(), &self.config) {
+            Outcome::Patch(ops, warnings) => {
+                self.metrics.injected.fetch_add(1, Ordering::Relaxed);
+                let warnings = warnings
+                    .into_iter()
+                    .map(|w| format!("meshlet inject: {w}"))
+                    .collect();
+                Answer::Patch(ops, warnings)
+            }
+            Outcome::Skip(reason) => {
+                self.metrics.skip(&reason);
+                // Not opting in is the normal case for most pods: no noise for it.
+                if reason == patch::SKIP_NOT_OPTED_IN {
+                    Answer::Allow(Vec::new())
+                } else {
+                    Answer::Allow(vec![format!("meshlet inject: not meshed: {reason}")])
+                }
+            }
+        }
+    }
+
+    /// One HTTP request.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match (req.method(), req.uri().path()) {
+            (&Method::POST, "/mutate") => {
+                let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => {
+                        self.metrics.error("malformed_review");
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            format!("cannot read the request body: {e}\n"),
+                        );
+                    }
+                };
+                match self.review(&body) {
+                    Ok(v) => {
+                        let mut r = Response::new(Full::new(Bytes::from(
+                            serde_json::to_vec(&v).unwrap_or_default(),
+                        )));
+                        r.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            header::HeaderValue::from_static("application/json"),
+                        );
+                        r
+                    }
+                    Err(why) => text(StatusCode::BAD_REQUEST, format!("{why}\n")),
+                }
+            }
+            (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+            (&Method::GET, "/metrics") => text(StatusCode::OK, self.metrics.render()),
+            (_, "/mutate") => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "POST an AdmissionReview to /mutate\n".into(),
+            ),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: POST /mutate, GET /healthz, GET /metrics\n".into(),
+            ),
+        }
+    }
+}
+
+enum Answer {
+    Patch(Vec<Value>, Vec<String>),
+    Allow(Vec<String>),
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The serving certificate, re-read from its files when they change.
+pub struct CertReloader {
+    cert: PathBuf,
+    key: PathBuf,
+    state: Mutex<(Option<Stamp>, Arc<CertifiedKey>)>,
+}
+
+/// What identifies a version of the two files: modification time, size and inode of each (a
+/// Secret volume swaps a symlink, which changes the inode).
+type Stamp = [(SystemTime, u64, u64); 2];
+
+impl std::fmt::Debug for CertReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertReloader")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl CertReloader {
+    /// Loads the pair; an error names the file and the problem.
+    pub fn new(cert: &Path, key: &Path) -> Result<Arc<Self>, String> {
+        let stamp = stamp(cert, key);
+        let loaded = load(cert, key)?;
+        Ok(Arc::new(CertReloader {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            state: Mutex::new((stamp, loaded)),
+        }))
+    }
+
+    /// The current pair, re-read first if the files changed.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        let now = stamp(&self.cert, &self.key);
+        let mut state = lock(&self.state);
+        if now.is_some() && now != state.0 {
+            match load(&self.cert, &self.key) {
+                Ok(k) => {
+                    tracing::info!(cert = %self.cert.display(), "serving certificate reloaded");
+                    *state = (now, k);
+                }
+                // Maybe half-written: keep the old pair and look again at the next handshake.
+                Err(e) => tracing::warn!(error = %e, "cannot reload the serving certificate"),
+            }
+        }
+        state.1.clone()
+    }
+}
+
+impl ResolvesServerCert for CertReloader {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+fn stamp(cert: &Path, key: &Path) -> Option<Stamp> {
+    let one = |p: &Path| {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len(), m.ino()))
+    };
+    Some([one(cert)?, one(key)?])
+}
+
+fn load(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let cert_pem = read(cert)?;
+    let key_pem = read(key)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate in it", cert.display()));
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| format!("{}: not a PEM private key: {e}", key.display()))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key_der)
+        .map_err(|e| format!("{}: unsupported private key: {e}", key.display()))?;
+    let ck = CertifiedKey::new(chain, signer);
+    ck.keys_match().map_err(|e| {
+        format!(
+            "{} and {} do not go together: {e}",
+            cert.display(),
+            key.display()
+        )
+    })?;
+    Ok(Arc::new(ck))
+}
+
+/// The TLS config serving `certs`' current pair (HTTP/1.1).
+pub fn tls_config(certs: Arc<CertReloader>) -> Result<Arc<rustls::ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Serves the webhook on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    webhook: Arc<Webhook>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and the like: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let webhook = webhook.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    webhook.metrics.error("tls");
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    webhook.metrics.error("tls");
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let webhook = webhook.clone();
+                async move { Ok::<_, Infallible>(webhook.handle(req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(IO_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "connection error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+/// Namespaces from the cluster: a watch kept in a local store.
+async fn namespace_watch() -> Result<NamespaceLookup, String> {
+    use futures_util::StreamExt;
+    use kube::runtime::reflector::{self, ObjectRef};
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let client = crate::discovery::kubernetes::KubeResolver::client(None).await?;
+    let api: kube::Api<Namespace> = kube::Api::all(client);
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .boxed();
+    tokio::spawn(async move {
+        stream
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "namespace watch failing; retrying");
+                }
+            })
+            .await;
+    });
+    // Pods created before the first list would miss their namespace's opt-in: wait for it a
+    // little (the watch keeps retrying in the background either way).
+    if tokio::time::timeout(IO_TIMEOUT, store.wait_until_ready())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Namespaces not listed yet; namespace opt-in applies once they are");
+    }
+    Ok(Arc::new(move |name: &str| {
+        store
+            .get(&ObjectRef::<Namespace>::new(name))
+            .map(|ns| (*ns).clone())
+    }))
+}
+
+/// `meshlet inject`: runs the webhook until SIGTERM or SIGINT.
+pub fn main(args: InjectArgs) -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let certs = match CertReloader::new(&args.tls_cert, &args.tls_key) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("meshlet inject: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let tls = match tls_config(certs) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("meshlet inject: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = InjectConfig {
+        image: args.image.clone(),
+        image_pull_policy: args.image_pull_policy.clone(),
+        native_sidecars: !args.classic_sidecars,
+        version: crate::VERSION.to_string(),
+        proxy_config_map: args.proxy_config_map.clone(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meshlet inject: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let namespaces: NamespaceLookup = if args.no_namespace_watch {
+            Arc::new(|_: &str| None)
+        } else {
+            match namespace_watch().await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot watch Namespaces: namespace opt-in is off, pod annotations still apply"
+                    );
+                    Arc::new(|_: &str| None)
+                }
+            }
+        };
+        let listener = match TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("meshlet inject: cannot listen on {}: {e}", args.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(listen = %args.listen, image = %config.image, "meshlet inject serving /mutate");
+        let webhook = Arc::new(Webhook::new(config, namespaces));
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                stop.cancel();
+            }
+        });
+        serve(listener, tls, webhook, shutdown).await;
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn webhook() -> Webhook {
+        let ns: Namespace = serde_json::from_value(json!({
+            "metadata": {"name": "meshed", "annotations": {"meshlet.dev/inject": "enabled"}}
+        }))
+        .unwrap();
+        Webhook::new(
+            InjectConfig::default(),
+            Arc::new(move |n: &str| (n == "meshed").then(|| ns.clone())),
+        )
+    }
+
+    fn review(namespace: &str, kind: &str, object: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-1",
+                "kind": {"group": "", "version": "v1", "kind": kind},
+                "operation": "CREATE",
+                "namespace": namespace,
+                "object": object,
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn namespace_opt_in_and_reasons() {
+        let w = webhook();
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}]}});
+        let r = w.review(&review("meshed", "Pod", pod.clone())).unwrap();
+        assert_eq!(r["response"]["uid"], "u-1");
+        assert_eq!(r["response"]["patchType"], "JSONPatch");
+        let r = w.review(&review("plain", "Pod", pod)).unwrap();
+        assert_eq!(r["response"], json!({"uid": "u-1", "allowed": true}));
+        let r = w.review(&review("meshed", "Service", json!({}))).unwrap();
+        assert_eq!(r["response"]["allowed"], true);
+        assert!(
+            r["response"]["warnings"][0]
+                .as_str()
+                .unwrap()
+                .contains("not a Pod")
+        );
+        let r = w
+            .review(&review("meshed", "Pod", json!({"spec": 5})))
+            .unwrap();
+        assert!(
+            r["response"]["warnings"][0]
+                .as_str()
+                .unwrap()
+                .contains("cannot read the pod")
+        );
+        assert!(w.review(b"{").unwrap_err().contains("not JSON"));
+        assert!(
+            w.review(b"{\"kind\":\"Pod\"}")
+                .unwrap_err()
+                .contains("AdmissionReview")
+        );
+        let m = w.metrics.render();
+        assert!(m.contains("meshlet_inject_injected_total 1\n"), "{m}");
+        assert!(
+            m.contains("meshlet_inject_skipped_total{reason=\"not opted in\"} 1\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("meshlet_inject_errors_total{kind=\"unknown_kind\"} 1\n"),
+            "{m}"
+        );
+    }
+}
