@@ -114,6 +114,7 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&Method::GET | &Method::HEAD, "/live") => text(StatusCode::OK, "live\n".into()),
             (&Method::GET | &Method::HEAD, "/ready") => self.ready().await,
+            (&Method::GET | &Method::HEAD, "/ready/proxy") => self.proxy_ready(),
             (&Method::GET | &Method::HEAD, "/health") => {
                 let text_format = req
                     .uri()
@@ -299,6 +300,25 @@ impl Admin {
         v.notes.extend((self.detail)());
         v.ready = v.reasons.is_empty();
         v
+    }
+
+    /// The proxy's own readiness only (listeners bound, discovery synced, not shutting down):
+    /// what a native sidecar's startup probe waits for. `/ready` also asks the app's readiness
+    /// probes, which cannot pass before the app starts, and the app starts only after the
+    /// sidecar's startup probe has passed.
+    fn proxy_ready(&self) -> Response<Body> {
+        if self.shutdown.is_cancelled() {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+        }
+        let pending = self.readiness.pending();
+        if pending.is_empty() {
+            return text(StatusCode::OK, "proxy ready\n".into());
+        }
+        let mut body = String::from("proxy not ready; waiting for:\n");
+        for p in pending {
+            let _ = writeln!(body, "- {p}");
+        }
+        text(StatusCode::SERVICE_UNAVAILABLE, body)
     }
 
     async fn ready(&self) -> Response<Body> {

@@ -29,6 +29,22 @@ pub enum ConfigError {
 }
 
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:7190";
+
+/// The sidecar layout (`meshlet proxy --sidecar`, what the injector runs): the admin and gRPC
+/// health ports on the pod's addresses for kubelet (the admin server's mutating endpoint still
+/// answers only loopback clients), the redirected outbound and inbound listeners, and
+/// Kubernetes discovery.
+pub const SIDECAR_LAYOUT: &str = "\
+admin:
+  listen: 0.0.0.0:7190
+  grpc_listen: 0.0.0.0:7191
+outbound:
+  listen: 127.0.0.1:7140
+inbound:
+  listen: 0.0.0.0:7143
+discovery:
+  kubernetes: {}
+";
 pub const DEFAULT_OUTBOUND: &str = "127.0.0.1:7140";
 pub const DEFAULT_INBOUND: &str = "0.0.0.0:7143";
 
@@ -754,6 +770,15 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::parse("config.yaml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_sidecar_layout_parses() {
+        let c = Config::parse("(sidecar)", SIDECAR_LAYOUT).unwrap();
+        assert_eq!(c.admin.listen.0.to_string(), "0.0.0.0:7190");
+        assert_eq!(c.outbound.unwrap().listen.0.port(), 7140);
+        assert_eq!(c.inbound.unwrap().listen.0.port(), 7143);
+        assert!(c.discovery.kubernetes.is_some());
     }
 
     #[test]

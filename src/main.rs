@@ -25,11 +25,25 @@ enum Command {
         /// Log as JSON lines (overrides `log.format`).
         #[arg(long)]
         log_json: bool,
+        /// Without a config file: the sidecar layout (admin 0.0.0.0:7190, gRPC health
+        /// 0.0.0.0:7191, outbound 127.0.0.1:7140, inbound 0.0.0.0:7143, Kubernetes discovery).
+        #[arg(long)]
+        sidecar: bool,
     },
     /// Write the pod's iptables NAT rules that send its TCP traffic through the sidecar.
     Init(meshlet::init::InitArgs),
     /// Serve the mutating admission webhook that meshes pods by annotation.
     Inject(meshlet::inject::server::InjectArgs),
+    /// Wait until the local proxy is ready (`/ready/proxy` on the admin port): the classic
+    /// sidecar's postStart hook, so that the app never starts before its proxy.
+    WaitReady {
+        /// Give up (exit 1) after this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// The admin server.
+        #[arg(long, default_value = "127.0.0.1:7190")]
+        admin: std::net::SocketAddr,
+    },
     /// Print the version and build information.
     Version,
 }
@@ -46,15 +60,21 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Proxy { config, log_json } => proxy(config, log_json),
+        Command::Proxy {
+            config,
+            log_json,
+            sidecar,
+        } => proxy(config, log_json, sidecar),
         Command::Init(args) => meshlet::init::run(&args),
+        Command::WaitReady { timeout, admin } => wait_ready(admin, timeout),
         Command::Inject(args) => meshlet::inject::server::main(args),
     }
 }
 
-fn proxy(path: Option<PathBuf>, log_json: bool) -> ExitCode {
+fn proxy(path: Option<PathBuf>, log_json: bool, sidecar: bool) -> ExitCode {
     let config = match &path {
         Some(p) => Config::load(p),
+        None if sidecar => Config::parse("(--sidecar)", meshlet::config::SIDECAR_LAYOUT),
         None => Config::parse("(defaults)", ""),
     };
     let mut config = match config {
@@ -144,6 +164,31 @@ fn app_probes() -> Result<Option<AppProbes>, String> {
         Err(std::env::VarError::NotUnicode(_)) => Err("the value is not valid UTF-8".into()),
         Ok(v) if v.trim().is_empty() => Ok(None),
         Ok(v) => AppProbes::parse(&v).map(Some),
+    }
+}
+
+/// Polls `GET /ready/proxy` until it answers 200 or `timeout` passes.
+fn wait_ready(admin: std::net::SocketAddr, timeout: std::time::Duration) -> ExitCode {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + timeout;
+    let ready = || -> std::io::Result<bool> {
+        let mut s =
+            std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(1))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+        s.write_all(b"GET /ready/proxy HTTP/1.0\r\nHost: meshlet\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(&head[9..12] == b"200")
+    };
+    loop {
+        if matches!(ready(), Ok(true)) {
+            return ExitCode::SUCCESS;
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!("meshlet wait-ready: the proxy at {admin} was not ready within {timeout:?}");
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 

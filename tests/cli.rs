@@ -196,3 +196,44 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
         t0.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_ready_waits_for_the_proxy_and_gives_up_in_time() {
+    let b = Backend::start("a", Duration::ZERO).await;
+    let m = Meshlet::start(&upstream_config("web.default", &[b.addr])).await;
+    let admin = m.addrs.admin.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["wait-ready", "--timeout", "5s", "--admin", &admin])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Nothing listens there: it gives up after the timeout, saying so.
+    let nobody = free_port();
+    let t0 = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args([
+                "wait-ready",
+                "--timeout",
+                "300ms",
+                "--admin",
+                &format!("127.0.0.1:{nobody}"),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was not ready within"));
+}

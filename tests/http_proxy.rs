@@ -196,6 +196,10 @@ async fn admin_endpoints() {
     let mut m = Meshlet::start(&upstream_config("web.default", &[b.addr])).await;
     assert_eq!(admin_get(m.addrs.admin, "/live").await.unwrap().0, 200);
     assert_eq!(admin_get(m.addrs.admin, "/ready").await.unwrap().0, 200);
+    assert_eq!(
+        admin_get(m.addrs.admin, "/ready/proxy").await.unwrap().0,
+        200
+    );
     assert_eq!(admin_get(m.addrs.admin, "/nope").await.unwrap().0, 404);
     // GET /shutdown is refused; POST from loopback starts the shutdown.
     assert_eq!(admin_get(m.addrs.admin, "/shutdown").await.unwrap().0, 405);

@@ -460,7 +460,7 @@ impl Builder<'_> {
         c.insert("name".into(), PROXY_NAME.into());
         self.image_fields(cfg, &mut c);
         c.insert("command".into(), json!(["meshlet"]));
-        c.insert("args".into(), json!(["proxy"]));
+        c.insert("args".into(), json!(["proxy", "--sidecar"]));
         c.insert("env".into(), Value::Array(env));
         c.insert(
             "ports".into(),
@@ -498,7 +498,7 @@ impl Builder<'_> {
             c.insert(
                 "startupProbe".into(),
                 json!({
-                    "httpGet": {"path": "/ready", "port": ADMIN_PORT, "scheme": "HTTP"},
+                    "httpGet": {"path": "/ready/proxy", "port": ADMIN_PORT, "scheme": "HTTP"},
                     "periodSeconds": 1,
                     "timeoutSeconds": 1,
                     "failureThreshold": 120,
