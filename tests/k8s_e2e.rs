@@ -733,6 +733,376 @@ async fn dedup_from_service_annotation_follows_changes(ctx: &Ctx) -> TestResult 
     Ok(())
 }
 
+/// The webhook on a real API server: `meshlet inject` as a child process of the test,
+/// registered by URL on loopback, scoped by a namespace label to this test's namespaces.
+async fn injected_pods_are_meshed_end_to_end(ctx: &Ctx) -> TestResult {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType,
+    };
+
+    let tag = format!("meshlet-e2e-inject-{}", std::process::id());
+    // Namespaces first, so the injector's namespace watch lists them at its start.
+    let mesh = ctx.namespace("inject").await?;
+    let plain = ctx.namespace("inject-plain").await?;
+    let nss: Api<Namespace> = Api::all(ctx.cluster.client.clone());
+    for (ns, annotations) in [
+        (&mesh, json!({"meshlet.dev/inject": "enabled"})),
+        (&plain, json!({})),
+    ] {
+        let patch = json!({"metadata": {"labels": {"meshlet-e2e-inject": tag}, "annotations": annotations}});
+        nss.patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| format!("label namespace {ns}: {e}"))?;
+    }
+
+    // A CA and a serving certificate for 127.0.0.1.
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "meshlet e2e CA");
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    params.subject_alt_names = vec![SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "meshlet-inject");
+    let cert = params.signed_by(&key, &ca).map_err(|e| e.to_string())?;
+    let dir = ctx.cluster.dir.join(&mesh);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let (crt, pem_key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&crt, cert.pem()).map_err(|e| e.to_string())?;
+    std::fs::write(&pem_key, key.serialize_pem()).map_err(|e| e.to_string())?;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let log = std::fs::File::create(dir.join("inject.log")).map_err(|e| e.to_string())?;
+    let child = std::process::Command::new(&harness::binaries()["meshlet"])
+        .args(["inject", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--tls-cert")
+        .arg(&crt)
+        .arg("--tls-key")
+        .arg(&pem_key)
+        .args(["--image", "meshlet"])
+        .env("KUBECONFIG", &ctx.cluster.kubeconfig)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("start meshlet inject: {e}"))?;
+    let mut inject = InjectProcess(Some(child));
+
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(ctx.cluster.client.clone());
+    let hook: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": tag},
+        "webhooks": [{
+            "name": "inject.meshlet.dev",
+            "clientConfig": {
+                "url": format!("https://127.0.0.1:{port}/mutate"),
+                "caBundle": base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    ca.pem().as_bytes(),
+                ),
+            },
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "failurePolicy": "Ignore",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 5,
+            "namespaceSelector": {"matchLabels": {"meshlet-e2e-inject": tag}},
+        }],
+    }))
+    .map_err(|e| e.to_string())?;
+    hooks
+        .create(&PostParams::default(), &hook)
+        .await
+        .map_err(|e| format!("create the MutatingWebhookConfiguration: {e}"))?;
+
+    let result = injected_pods_inner(ctx, &mesh, &plain, port, &mut inject).await;
+    drop(inject);
+    let _ = hooks.delete(&tag, &DeleteParams::default()).await;
+    result
+}
+
+/// The injector child process, killed by its PID when dropped.
+struct InjectProcess(Option<std::process::Child>);
+
+impl InjectProcess {
+    fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for InjectProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether the stored pod was meshed, checked in detail when it was.
+fn meshed(pod: &Pod) -> Result<bool, String> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let annotated = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("meshlet.dev/injected"))
+        .cloned();
+    let inits: Vec<_> = spec.init_containers.clone().unwrap_or_default();
+    let has_meshlet = inits
+        .iter()
+        .chain(&spec.containers)
+        .any(|c| c.name.starts_with("meshlet"));
+    if annotated.is_none() {
+        return if has_meshlet {
+            Err(format!("{name}: meshlet containers without the annotation"))
+        } else {
+            Ok(false)
+        };
+    }
+    if annotated.as_deref() != Some("true") {
+        return Err(format!("{name}: meshlet.dev/injected = {annotated:?}"));
+    }
+    let names: Vec<_> = inits.iter().map(|c| c.name.as_str()).collect();
+    if names != ["meshlet-init", "meshlet-proxy"] {
+        return Err(format!("{name}: init containers {names:?}"));
+    }
+    let proxy = &inits[1];
+    let uid = proxy.security_context.as_ref().and_then(|s| s.run_as_user);
+    if uid != Some(7102) || proxy.restart_policy.as_deref() != Some("Always") {
+        return Err(format!(
+            "{name}: the sidecar runs as {uid:?}, restartPolicy {:?}",
+            proxy.restart_policy
+        ));
+    }
+    let app = spec
+        .containers
+        .iter()
+        .find(|c| c.name == "app")
+        .ok_or(format!("{name}: no app container"))?;
+    let probe = app
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .ok_or(format!("{name}: the app lost its readinessProbe"))?;
+    let port = match &probe.port {
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => *p,
+        _ => 0,
+    };
+    if probe.path.as_deref() != Some("/app-health/app/readyz") || port != 7190 {
+        return Err(format!(
+            "{name}: the app's readinessProbe is {:?} on {:?}",
+            probe.path, probe.port
+        ));
+    }
+    Ok(true)
+}
+
+async fn injected_pods_inner(
+    ctx: &Ctx,
+    mesh: &str,
+    plain: &str,
+    port: u16,
+    inject: &mut InjectProcess,
+) -> TestResult {
+    let pods: Api<Pod> = Api::namespaced(ctx.cluster.client.clone(), mesh);
+    // The injector serves once its namespace watch has listed (up to 10 s).
+    wait_for(
+        "meshlet inject to listen",
+        Duration::from_secs(15),
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await?;
+
+    let svc = ctx
+        .apply_service(
+            mesh,
+            service("backend", "backend", &[(80, "http", json!(8080))], false),
+        )
+        .await?;
+    let vip = svc.spec.and_then(|s| s.cluster_ip).ok_or("no ClusterIP")?;
+    for i in 0..2 {
+        ctx.create_pod(
+            mesh,
+            app_pod_env(
+                &format!("backend-{i}"),
+                "backend",
+                &[(8080, "http")],
+                &[("DELAY_MS", "20")],
+            ),
+        )
+        .await?;
+    }
+    let call = format!("http://{vip}:80/");
+    ctx.create_pod(
+        mesh,
+        app_pod_env("client", "client", &[(8080, "http")], &[("CALL", &call)]),
+    )
+    .await?;
+    for name in ["backend-0", "backend-1", "client"] {
+        let pod = pods
+            .get(name)
+            .await
+            .map_err(|e| format!("get {name}: {e}"))?;
+        if !meshed(&pod)? {
+            return Err(format!("{name} was not injected: {:?}", pod.metadata));
+        }
+    }
+
+    // The harness runs them unchanged; readiness goes through the sidecars' /app-health.
+    ctx.wait_endpoints(mesh, "backend", 2).await?;
+    wait_for("the client pod Ready", Duration::from_secs(30), || async {
+        ctx.cluster
+            .kubelet
+            .ready_at
+            .lock()
+            .unwrap()
+            .get(&format!("{mesh}/client"))
+            .copied()
+    })
+    .await?;
+    let ip = ctx
+        .cluster
+        .kubelet
+        .pod_ip(mesh, "client")
+        .ok_or("no IP for the client")?;
+    // The client's sidecar learns the second endpoint from its own watch, a moment after the
+    // EndpointSlice shows it: wait (bounded) until a call reaches each backend once.
+    let mut c = H1Client::connect((ip, 8080).into())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut warm: BTreeMap<String, usize> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while warm.len() < 2 && Instant::now() < deadline {
+        if let Ok(a) = c.get("/call").await
+            && a.status == 200
+        {
+            *warm.entry(a.body_text()).or_insert(0) += 1;
+        }
+    }
+    // Concurrent calls (P2C over peak-EWMA weighs in-flight requests; sequential calls to two
+    // equal endpoints may all go to the faster one), 8 app connections × 10 calls.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = H1Client::connect((ip, 8080).into())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+            for _ in 0..10 {
+                let a = c.get("/call").await.map_err(|e| e.to_string())?;
+                if a.status != 200 {
+                    return Err(format!(
+                        "call through the sidecar: {} {}",
+                        a.status,
+                        a.body_text()
+                    ));
+                }
+                *seen.entry(a.body_text()).or_insert(0) += 1;
+            }
+            Ok::<_, String>(seen)
+        }));
+    }
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for t in tasks {
+        for (k, v) in t.await.map_err(|e| e.to_string())?? {
+            *seen.entry(k).or_insert(0) += v;
+        }
+    }
+    println!("    calls to {vip}:80 per pod: {seen:?}");
+    if seen.len() != 2
+        || !seen.keys().all(|k| k.starts_with("backend-"))
+        || seen.values().any(|n| *n < 8)
+    {
+        return Err(format!(
+            "the ClusterIP calls did not reach both backends: {seen:?}"
+        ));
+    }
+    for name in ["backend-0", "backend-1"] {
+        let bip = ctx
+            .cluster
+            .kubelet
+            .pod_ip(mesh, name)
+            .ok_or(format!("no IP for {name}"))?;
+        let (status, text) = support::admin_get((bip, 7190).into(), "/metrics").await?;
+        let inbound: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("meshlet_requests_total{") && l.contains("direction=\"inbound\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        println!("    {name}: {inbound} inbound requests in its sidecar's metrics");
+        if status != 200 || inbound < 1.0 {
+            return Err(format!(
+                "{name}'s sidecar shows no inbound requests ({status}): {text}"
+            ));
+        }
+    }
+
+    // A namespace without the annotation: the webhook is called and leaves the pod alone.
+    ctx.create_pod(plain, app_pod("plain", "plain", &[(8080, "http")]))
+        .await?;
+    let pod = Api::<Pod>::namespaced(ctx.cluster.client.clone(), plain)
+        .get("plain")
+        .await
+        .map_err(|e| format!("get plain: {e}"))?;
+    if meshed(&pod)? {
+        return Err("a pod in a namespace without the annotation was injected".into());
+    }
+
+    // The webhook down: pods are still created (failurePolicy Ignore), visibly un-meshed.
+    inject.kill();
+    let started = Instant::now();
+    ctx.create_pod(mesh, app_pod("late", "late", &[(8080, "http")]))
+        .await?;
+    println!(
+        "    pod created with the webhook down in {:?}",
+        started.elapsed()
+    );
+    let pod = pods
+        .get("late")
+        .await
+        .map_err(|e| format!("get late: {e}"))?;
+    if meshed(&pod)? {
+        return Err("a pod created with the webhook down was injected".into());
+    }
+    // Let the harness finish starting the last two pods, so none is mid-start at the end of
+    // the run (the kubelet's stop_all only stops pods whose start completed).
+    for (ns, name) in [(plain, "plain"), (mesh, "late")] {
+        wait_for(
+            &format!("{name} Ready"),
+            Duration::from_secs(20),
+            || async {
+                ctx.cluster
+                    .kubelet
+                    .ready_at
+                    .lock()
+                    .unwrap()
+                    .get(&format!("{ns}/{name}"))
+                    .copied()
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// A bad annotation value is ignored (with a warning and a count), the default is used, and
 /// traffic flows: `max-retries: lots` leaves the default 2 retries, which hide a failing pod.
 async fn invalid_annotation_is_ignored_and_counted(ctx: &Ctx) -> TestResult {
@@ -845,7 +1215,7 @@ async fn api_server_down_keeps_traffic_flowing(ctx: &Ctx) -> TestResult {
         println!("    {total} requests served while the API server was down");
         // The staleness shows in /ready's detail and the metric (watches notice the failure
         // when they reconnect).
-        wait_for("staleness in /ready", Duration::from_secs(60), || async {
+        wait_for("staleness in /ready", Duration::from_secs(120), || async {
             let (_, body) = support::admin_get(m.addrs.admin, "/ready").await.ok()?;
             body.contains("discovery stale").then_some(())
         })
@@ -870,14 +1240,15 @@ async fn api_server_down_keeps_traffic_flowing(ctx: &Ctx) -> TestResult {
         "the third pod to get traffic",
         Duration::from_secs(60),
         || async {
-            let seen = spread(m.upstream(0), 30).await.ok()?;
+            let seen = spread_concurrent(m.upstream(0), 6, 10).await.ok()?;
             (seen.len() == 3).then_some(())
         },
     )
     .await?;
     wait_for(
         "the watches to recover",
-        Duration::from_secs(30),
+        // kube-rs's watcher backs off up to 30 s while the API server is away, then re-lists.
+        Duration::from_secs(90),
         || async {
             let (_, body) = support::admin_get(m.addrs.admin, "/ready").await.ok()?;
             (!body.contains("discovery stale")).then_some(())
@@ -1330,6 +1701,7 @@ fn main() {
         trial!(dedup_from_service_annotation_follows_changes),
         trial!(invalid_annotation_is_ignored_and_counted),
         trial!(readiness_follows_a_critical_dependency),
+        trial!(injected_pods_are_meshed_end_to_end),
         trial!(api_server_down_keeps_traffic_flowing),
     ];
     let conclusion = libtest_mimic::run(&args, trials);

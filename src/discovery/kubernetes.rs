@@ -174,8 +174,37 @@ pub fn effective<'a>(
 /// Health of one watch, for `/ready`'s detail and the staleness gauge.
 #[derive(Default)]
 struct WatchHealth {
-    /// Since when, and why, the watch has been failing.
-    failing: BTreeMap<String, (Instant, String)>,
+    /// Since when, why, and when last the watch has failed.
+    failing: BTreeMap<String, Failing>,
+}
+
+struct Failing {
+    since: Instant,
+    why: String,
+    last: Instant,
+}
+
+/// A failing watch is retried with kube-rs's backoff, at most 30 s apart, and each failed try
+/// is an error we see. A watch that resumes from its last resource version after an outage
+/// yields no event until something changes, so "no error for longer than the longest backoff"
+/// is what tells that it is working again.
+const RECOVERED_AFTER: Duration = Duration::from_secs(35);
+
+impl WatchHealth {
+    /// Forgets failures not repeated within [`RECOVERED_AFTER`]; returns the watches that
+    /// recovered so.
+    fn expire(&mut self) -> Vec<String> {
+        let gone: Vec<String> = self
+            .failing
+            .iter()
+            .filter(|(_, f)| f.last.elapsed() > RECOVERED_AFTER)
+            .map(|(w, _)| w.clone())
+            .collect();
+        for w in &gone {
+            self.failing.remove(w);
+        }
+        gone
+    }
 }
 
 #[derive(Default)]
@@ -294,10 +323,18 @@ impl KubeResolver {
                     .discovery_errors
                     .with_label_values(&[watch])
                     .inc();
+                let now = Instant::now();
                 h.failing
                     .entry(watch.to_string())
-                    .and_modify(|(_, why)| *why = e.clone())
-                    .or_insert((Instant::now(), e));
+                    .and_modify(|f| {
+                        f.why = e.clone();
+                        f.last = now;
+                    })
+                    .or_insert(Failing {
+                        since: now,
+                        why: e,
+                        last: now,
+                    });
                 stale.set(1);
             }
             None => {
@@ -309,15 +346,26 @@ impl KubeResolver {
         }
     }
 
+    /// The failing watches, after forgetting those that recovered quietly.
+    fn health(&self) -> std::sync::MutexGuard<'_, WatchHealth> {
+        let mut h = lock(&self.health);
+        for w in h.expire() {
+            tracing::info!(watch = %w, "watch recovered (no error for {RECOVERED_AFTER:?})");
+            self.metrics.discovery_stale.with_label_values(&[&w]).set(0);
+        }
+        h
+    }
+
     /// Lines for `/ready`'s detail: watches that are failing, for how long, and why.
     pub fn staleness(&self) -> Vec<String> {
-        let h = lock(&self.health);
+        let h = self.health();
         h.failing
             .iter()
-            .map(|(w, (since, why))| {
+            .map(|(w, f)| {
                 format!(
-                    "discovery stale: watch {w} failing for {:?} (serving the last known endpoints): {why}",
-                    Duration::from_secs(since.elapsed().as_secs())
+                    "discovery stale: watch {w} failing for {:?} (serving the last known endpoints): {}",
+                    Duration::from_secs(f.since.elapsed().as_secs()),
+                    f.why
                 )
             })
             .collect()
@@ -527,13 +575,14 @@ impl Resolve for Arc<KubeResolver> {
     }
 
     fn stale(&self, service: &ServiceRef) -> Option<String> {
-        let h = lock(&self.health);
+        let h = self.health();
         let label = format!("endpointslices {service}");
         ["services", label.as_str()].iter().find_map(|w| {
-            h.failing.get(*w).map(|(since, why)| {
+            h.failing.get(*w).map(|f| {
                 format!(
-                    "discovery stale: watch {w} failing for {:?}: {why}",
-                    Duration::from_secs(since.elapsed().as_secs())
+                    "discovery stale: watch {w} failing for {:?}: {}",
+                    Duration::from_secs(f.since.elapsed().as_secs()),
+                    f.why
                 )
             })
         })

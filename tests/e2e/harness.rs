@@ -104,7 +104,14 @@ impl Cluster {
 
         Network::setup()?;
         let forward = tokio::spawn(forward_api(api_port));
-        let kubelet = Kubelet::start(client.clone(), images, dir.join("logs/pods")).await?;
+        let pod_kubeconfig = write_pod_kubeconfig(&dir, &kubeconfig, api_port)?;
+        let kubelet = Kubelet::start(
+            client.clone(),
+            images,
+            dir.join("logs/pods"),
+            pod_kubeconfig,
+        )
+        .await?;
         Ok(Cluster {
             dir,
             kubeconfig,
@@ -116,17 +123,10 @@ impl Cluster {
     }
 
     /// A kubeconfig that processes inside pods can use (the API server through the bridge).
+    /// Every container gets it as `KUBECONFIG` (the stand-in for the in-cluster service
+    /// account, which this harness cannot mount). World-readable: sidecars run as UID 7102.
     pub fn pod_kubeconfig(&self) -> PathBuf {
-        let path = self.dir.join("pod.kubeconfig");
-        if !path.exists() {
-            let text = std::fs::read_to_string(&self.kubeconfig).expect("kubeconfig");
-            let text = text.replace(
-                &format!("https://127.0.0.1:{}", self.api_port),
-                &format!("https://{BRIDGE_IP}:{}", self.api_port),
-            );
-            std::fs::write(&path, text).expect("write pod kubeconfig");
-        }
-        path
+        self.kubelet.kubeconfig.clone()
     }
 
     /// Stops the API server only (kube-apiserver's PID from the control plane's record).
@@ -160,6 +160,20 @@ impl Cluster {
             .args(["stop", &self.dir.display().to_string()])
             .status();
     }
+}
+
+/// Writes `pod.kubeconfig` in `dir`: the API server through the bridge, readable by all.
+fn write_pod_kubeconfig(dir: &Path, kubeconfig: &Path, api_port: u16) -> Result<PathBuf, String> {
+    let path = dir.join("pod.kubeconfig");
+    let text = std::fs::read_to_string(kubeconfig).map_err(|e| format!("kubeconfig: {e}"))?;
+    let text = text.replace(
+        &format!("https://127.0.0.1:{api_port}"),
+        &format!("https://{BRIDGE_IP}:{api_port}"),
+    );
+    std::fs::write(&path, text).map_err(|e| format!("write pod kubeconfig: {e}"))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(|e| format!("chmod pod kubeconfig: {e}"))?;
+    Ok(path)
 }
 
 /// Forwards BRIDGE_IP:port to the API server on loopback, so pods reach it.
@@ -253,6 +267,8 @@ pub struct Kubelet {
     client: kube::Client,
     images: HashMap<String, PathBuf>,
     log_dir: PathBuf,
+    /// Given to every container as `KUBECONFIG`.
+    kubeconfig: PathBuf,
     pods: Mutex<HashMap<String, RunningPod>>,
     next: AtomicU32,
     /// When each pod was last marked Ready, by `namespace/name` (for latency measurements).
@@ -273,6 +289,7 @@ impl Kubelet {
         client: kube::Client,
         images: HashMap<String, PathBuf>,
         log_dir: PathBuf,
+        kubeconfig: PathBuf,
     ) -> Result<Arc<Kubelet>, String> {
         std::fs::create_dir_all(&log_dir).map_err(|e| e.to_string())?;
         let nodes: Api<Node> = Api::all(client.clone());
@@ -300,6 +317,7 @@ impl Kubelet {
             client,
             images,
             log_dir,
+            kubeconfig,
             pods: Mutex::new(HashMap::new()),
             next: AtomicU32::new(0),
             ready_at: Mutex::new(HashMap::new()),
@@ -429,11 +447,17 @@ impl Kubelet {
         Ok((bin, argv))
     }
 
-    fn env_for(pod: &Pod, c: &Container, ip: Ipv4Addr) -> Vec<(String, String)> {
-        let mut env = vec![(
-            "PATH".to_string(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        )];
+    fn env_for(&self, pod: &Pod, c: &Container, ip: Ipv4Addr) -> Vec<(String, String)> {
+        let mut env = vec![
+            (
+                "PATH".to_string(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+            ),
+            (
+                "KUBECONFIG".to_string(),
+                self.kubeconfig.display().to_string(),
+            ),
+        ];
         for e in c.env.iter().flatten() {
             let value = match (&e.value, &e.value_from) {
                 (Some(v), _) => v.clone(),
@@ -486,7 +510,7 @@ impl Kubelet {
             ]);
         }
         cmd.arg(&bin).args(&argv);
-        cmd.env_clear().envs(Self::env_for(pod, c, ip));
+        cmd.env_clear().envs(self.env_for(pod, c, ip));
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         cmd.spawn().map_err(|e| format!("{}: {e}", bin.display()))
     }
@@ -511,15 +535,33 @@ impl Kubelet {
             ),
             prober: None,
         };
-        // Init containers, in order, each to completion.
+        // Init containers, in order, each to completion; a native sidecar (`restartPolicy:
+        // Always`) is started and kept running, and the next one starts once its startupProbe
+        // passes.
         for c in spec.init_containers.iter().flatten() {
-            let mut child = self.spawn_container(pod, c, &netns, ip)?;
+            let mut child = match self.spawn_container(pod, c, &netns, ip) {
+                Ok(child) => child,
+                Err(e) => {
+                    Self::abort_start(running, &netns, idx);
+                    return Err(e);
+                }
+            };
+            if c.restart_policy.as_deref() == Some("Always") {
+                running.children.push((c.name.clone(), child));
+                if let Some(p) = &c.startup_probe {
+                    if let Err(e) = Self::wait_started(p, c, ip, &mut running).await {
+                        Self::abort_start(running, &netns, idx);
+                        return Err(e);
+                    }
+                }
+                continue;
+            }
             let status = tokio::task::spawn_blocking(move || child.wait())
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             if !status.success() {
-                Network::remove_pod(&netns, idx);
+                Self::abort_start(running, &netns, idx);
                 return Err(format!("init container {} failed: {status}", c.name));
             }
         }
@@ -527,11 +569,7 @@ impl Kubelet {
             match self.spawn_container(pod, c, &netns, ip) {
                 Ok(child) => running.children.push((c.name.clone(), child)),
                 Err(e) => {
-                    for (_, mut ch) in running.children {
-                        let _ = ch.kill();
-                        let _ = ch.wait();
-                    }
-                    Network::remove_pod(&netns, idx);
+                    Self::abort_start(running, &netns, idx);
                     return Err(e);
                 }
             }
@@ -547,6 +585,51 @@ impl Kubelet {
         }));
         self.pods.lock().unwrap().insert(k, running);
         Ok(())
+    }
+
+    /// Kills what a failed start left running and removes the pod's network namespace.
+    fn abort_start(running: RunningPod, netns: &str, idx: u32) {
+        for (_, mut ch) in running.children {
+            let _ = ch.kill();
+            let _ = ch.wait();
+        }
+        Network::remove_pod(netns, idx);
+    }
+
+    /// Polls a native sidecar's startupProbe every 100 ms until it passes, bounded by the
+    /// probe's failureThreshold × period; fails early when the sidecar exits.
+    async fn wait_started(
+        p: &Probe,
+        c: &Container,
+        ip: Ipv4Addr,
+        running: &mut RunningPod,
+    ) -> Result<(), String> {
+        let bound = Duration::from_secs(
+            (p.failure_threshold.unwrap_or(3).max(1) as u64)
+                * (p.period_seconds.unwrap_or(10).max(1) as u64)
+                + p.initial_delay_seconds.unwrap_or(0).max(0) as u64,
+        );
+        let deadline = Instant::now() + bound;
+        loop {
+            if probe(p, c, ip).await {
+                return Ok(());
+            }
+            if let Some((_, child)) = running.children.iter_mut().find(|(n, _)| *n == c.name)
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!(
+                    "sidecar {} exited before starting: {status}",
+                    c.name
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "sidecar {}: startupProbe still failing after {bound:?}",
+                    c.name
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Evaluates readiness probes as kubelet does and keeps the pod's status up to date.
