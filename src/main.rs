@@ -95,6 +95,21 @@ fn proxy(path: Option<PathBuf>, log_json: bool, sidecar: bool) -> ExitCode {
         eprintln!("meshlet: {e}");
         return ExitCode::from(2);
     }
+    // The pod's meshlet.dev/ready-requires, passed by the injector (it validated the value;
+    // anything else here is ignored with a warning below, like a bad annotation).
+    let ready_requires = std::env::var("MESHLET_READY_REQUIRES").ok();
+    let ready_requires_error = match ready_requires.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some("none") => {
+            config.health.ready_requires = meshlet::config::ReadyRequires::None;
+            None
+        }
+        Some("critical") => {
+            config.health.ready_requires = meshlet::config::ReadyRequires::Critical;
+            None
+        }
+        Some(other) => Some(other.to_string()),
+    };
     // Inbound limits from the pod's annotations, which the injector passes as MESHLET_* env.
     let pod_errors = meshlet::pod::apply_inbound_limits(&mut config, |k| std::env::var(k).ok());
     let app_probes = match app_probes() {
@@ -105,6 +120,12 @@ fn proxy(path: Option<PathBuf>, log_json: bool, sidecar: bool) -> ExitCode {
         }
     };
     init_logging(&config, log_json);
+    if let Some(v) = &ready_requires_error {
+        tracing::warn!(
+            key = "meshlet.dev/ready-requires", value = %v,
+            "ignoring MESHLET_READY_REQUIRES: not one of none, critical; the config file's value is used"
+        );
+    }
     for e in &pod_errors {
         tracing::warn!(
             key = %e.key, value = %e.value, error = %e.error,

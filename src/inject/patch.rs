@@ -408,6 +408,11 @@ impl Builder<'_> {
                 check_services,
             ),
             (
+                "meshlet.dev/ready-requires",
+                "MESHLET_READY_REQUIRES",
+                check_ready_requires,
+            ),
+            (
                 "meshlet.dev/concurrency-limit",
                 "MESHLET_CONCURRENCY_LIMIT",
                 check_positive_int,
@@ -588,6 +593,14 @@ fn check_services(v: &str) -> Result<(), String> {
         })?;
     }
     Ok(())
+}
+
+/// `meshlet.dev/ready-requires`: whether `/ready` follows the critical dependencies.
+fn check_ready_requires(v: &str) -> Result<(), String> {
+    match v {
+        "none" | "critical" => Ok(()),
+        _ => Err("not one of none, critical".into()),
+    }
 }
 
 fn check_positive_int(v: &str) -> Result<(), String> {
