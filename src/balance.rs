@@ -75,6 +75,11 @@ impl InFlight {
     pub fn forget(mut self) {
         self.record = false;
     }
+
+    /// Leaves `d` (time spent opening a connection) out of the latency sample.
+    pub fn discount(&mut self, d: Duration) {
+        self.start += d.min(self.start.elapsed());
+    }
 }
 
 impl Drop for InFlight {

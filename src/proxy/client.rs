@@ -25,6 +25,13 @@ use crate::readiness::lock;
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 256;
 
+/// Put in a response's extensions when its request had to open a new connection first: how
+/// long that took. The balancer leaves it out of the endpoint's latency sample, so that the
+/// first request to an endpoint (or after its connections idled out) does not make it look
+/// slow and keep p2c away from it for the decay time.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectTime(pub Duration);
+
 /// The timeouts of a destination's connections (from its policy).
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -174,6 +181,7 @@ impl Pool {
     ) -> Result<Response<Body>, SendError> {
         *req.version_mut() = Version::HTTP_11;
         loop {
+            let started = Instant::now();
             let (mut sender, reused) = match self.checkout_h1(t.idle).await {
                 Some(s) => (s, true),
                 None => match self.handshake_h1(false, t.connect).await {
@@ -181,8 +189,12 @@ impl Pool {
                     Err(e) => return Err(self.connect_error(e, req)),
                 },
             };
+            let connect_time = (!reused).then(|| started.elapsed());
             match sender.try_send_request(req).await {
-                Ok(rsp) => {
+                Ok(mut rsp) => {
+                    if let Some(d) = connect_time {
+                        rsp.extensions_mut().insert(ConnectTime(d));
+                    }
                     let ret = PoolReturn {
                         pool: self.clone(),
                         sender,

@@ -12,7 +12,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
 use super::body::Body;
-use super::client::{SendError, Timeouts};
+use super::client::{ConnectTime, SendError, Timeouts};
 use super::{Resilience, Target};
 use crate::breaker::Transition;
 use crate::retry;
@@ -285,6 +285,10 @@ async fn send(
         match res {
             Ok(mut rsp) => {
                 ep.connect_succeeded();
+                let mut inflight = inflight;
+                if let Some(ct) = rsp.extensions().get::<ConnectTime>() {
+                    inflight.discount(ct.0);
+                }
                 drop(inflight);
                 let status = rsp.status();
                 let failure = r
