@@ -54,8 +54,11 @@ const DEFAULT_MEMORY_LIMIT: &str = "64Mi";
 /// How to inject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InjectConfig {
-    /// The meshlet image, for both the init container and the sidecar.
+    /// The meshlet image of the sidecar (and of the init container unless `init_image`).
     pub image: String,
+    /// The init container's image, when it differs: the published sidecar image is `FROM
+    /// scratch` (no iptables), so the chart points this at the `meshlet-init` image.
+    pub init_image: Option<String>,
     /// `imagePullPolicy` of both containers; `None` leaves Kubernetes' default.
     pub image_pull_policy: Option<String>,
     /// Native sidecar (init container with `restartPolicy: Always`, Kubernetes 1.29+) or the
@@ -73,6 +76,7 @@ impl Default for InjectConfig {
     fn default() -> Self {
         InjectConfig {
             image: format!("ghcr.io/meshlet/meshlet:{}", crate::VERSION),
+            init_image: None,
             image_pull_policy: None,
             native_sidecars: true,
             version: crate::VERSION.to_string(),
@@ -327,8 +331,8 @@ impl Builder<'_> {
         }
     }
 
-    fn image_fields(&self, cfg: &InjectConfig, c: &mut Map<String, Value>) {
-        c.insert("image".into(), cfg.image.clone().into());
+    fn image_fields(&self, image: &str, cfg: &InjectConfig, c: &mut Map<String, Value>) {
+        c.insert("image".into(), image.into());
         if let Some(p) = &cfg.image_pull_policy {
             c.insert("imagePullPolicy".into(), p.clone().into());
         }
@@ -359,7 +363,8 @@ impl Builder<'_> {
         }
         let mut c = Map::new();
         c.insert("name".into(), INIT_NAME.into());
-        self.image_fields(cfg, &mut c);
+        let image = cfg.init_image.as_deref().unwrap_or(&cfg.image);
+        self.image_fields(image, cfg, &mut c);
         c.insert("command".into(), json!(["meshlet"]));
         c.insert("args".into(), json!(["init"]));
         if !env.is_empty() {
@@ -463,7 +468,7 @@ impl Builder<'_> {
 
         let mut c = Map::new();
         c.insert("name".into(), PROXY_NAME.into());
-        self.image_fields(cfg, &mut c);
+        self.image_fields(&cfg.image, cfg, &mut c);
         c.insert("command".into(), json!(["meshlet"]));
         c.insert("args".into(), json!(["proxy", "--sidecar"]));
         c.insert("env".into(), Value::Array(env));
@@ -807,6 +812,9 @@ mod tests {
                     .map(|t| serde_yaml::from_str(&t).unwrap());
             let cfg = InjectConfig {
                 image: "meshlet:test".into(),
+                init_image: name
+                    .contains("init-image")
+                    .then(|| "meshlet-init:test".into()),
                 image_pull_policy: Some("IfNotPresent".into()),
                 native_sidecars: !name.contains("classic"),
                 version: "0.0.0-test".into(),

@@ -59,9 +59,13 @@ pub struct InjectArgs {
     /// The serving certificate's private key (PEM); re-read when it changes.
     #[arg(long)]
     pub tls_key: PathBuf,
-    /// The meshlet image injected (init container and sidecar).
+    /// The meshlet image injected as the sidecar (and as the init container without
+    /// `--init-image`).
     #[arg(long, env = "MESHLET_INJECT_IMAGE", default_value_t = InjectConfig::default().image)]
     pub image: String,
+    /// The init container's image (it needs iptables, which the minimal sidecar image lacks).
+    #[arg(long, env = "MESHLET_INJECT_INIT_IMAGE")]
+    pub init_image: Option<String>,
     /// The injected containers' imagePullPolicy (default: Kubernetes').
     #[arg(long)]
     pub image_pull_policy: Option<String>,
@@ -75,6 +79,9 @@ pub struct InjectArgs {
     /// Do not watch Namespaces (namespace opt-in then never applies; pod annotations still do).
     #[arg(long)]
     pub no_namespace_watch: bool,
+    /// Log as JSON lines (one object per event) instead of text.
+    #[arg(long)]
+    pub log_json: bool,
 }
 
 /// Looks a namespace up by name (for namespace-level opt-in).
@@ -519,13 +526,16 @@ async fn namespace_watch() -> Result<NamespaceLookup, String> {
 
 /// `meshlet inject`: runs the webhook until SIGTERM or SIGINT.
 pub fn main(args: InjectArgs) -> ExitCode {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if args.log_json {
+        logs.json().try_init()
+    } else {
+        logs.try_init()
+    };
     let certs = match CertReloader::new(&args.tls_cert, &args.tls_key) {
         Ok(c) => c,
         Err(e) => {
@@ -542,6 +552,7 @@ pub fn main(args: InjectArgs) -> ExitCode {
     };
     let config = InjectConfig {
         image: args.image.clone(),
+        init_image: args.init_image.clone(),
         image_pull_policy: args.image_pull_policy.clone(),
         native_sidecars: !args.classic_sidecars,
         version: crate::VERSION.to_string(),
