@@ -310,3 +310,39 @@ fn chart_app_version_is_the_crate_version() {
         .trim_matches('"');
     assert_eq!(app, env!("CARGO_PKG_VERSION"));
 }
+
+/// Every key of values.yaml (leaves, and maps or lists given as a whole) is documented in the
+/// chart README's values table.
+#[test]
+fn every_value_is_documented() {
+    let text = std::fs::read_to_string(repo().join("charts/meshlet/values.yaml")).unwrap();
+    let values: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let readme = std::fs::read_to_string(repo().join("charts/meshlet/README.md")).unwrap();
+    let mut keys = Vec::new();
+    fn walk(prefix: &str, v: &serde_yaml::Value, keys: &mut Vec<String>) {
+        match v {
+            serde_yaml::Value::Mapping(m) if !m.is_empty() && prefix != "injector.resources" => {
+                for (k, v) in m {
+                    let k = k.as_str().unwrap();
+                    let p = if prefix.is_empty() {
+                        k.to_string()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&p, v, keys);
+                }
+            }
+            _ => keys.push(prefix.to_string()),
+        }
+    }
+    walk("", &values, &mut keys);
+    assert!(keys.len() > 30, "{keys:?}");
+    let missing: Vec<_> = keys
+        .iter()
+        .filter(|k| !readme.contains(&format!("| `{k}` |")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "values missing from the chart README's table: {missing:?}"
+    );
+}
