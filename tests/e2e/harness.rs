@@ -5,17 +5,41 @@
 //! The kubelet registers a Node, binds unscheduled pods to it (there is no scheduler), and runs
 //! each pod in a network namespace of its own, attached to a bridge with an address from
 //! 198.18.0.0/16: init containers in order, then containers, each as a process (the image name
-//! is mapped to a local binary by a table the test gives). It evaluates readiness probes as
-//! kubelet would and patches the pod's status (podIP, phase, Ready), so the real EndpointSlice
-//! controller publishes endpoints. Deleting a pod stops its processes (SIGTERM, then SIGKILL
-//! after the grace period) and removes its namespace.
+//! is mapped to a local binary by a table the test gives: the tag and digest are dropped, and
+//! failing the full name, the last path segment is looked up, so `ghcr.io/x/meshlet:0.1.0` runs
+//! the `meshlet` binary). It evaluates readiness and startup probes as kubelet would (with the
+//! crate's own kubelet-style prober, `meshlet::health::probes`: httpGet over HTTP or HTTPS
+//! without certificate checks, tcpSocket, grpc; exec probes are not run and pass) and patches
+//! the pod's status (podIP, phase, Ready), so the real EndpointSlice controller publishes
+//! endpoints. Deleting a pod stops its processes (SIGTERM, then SIGKILL after the pod's
+//! `deletionGracePeriodSeconds`, at most 30 s; at once for grace 0) and removes its namespace.
 //!
 //! The bridge address 198.18.0.1 also forwards to the API server, so processes in pods reach
-//! it (`Cluster::pod_kubeconfig`).
+//! it (`Cluster::pod_kubeconfig`). Every container gets `KUBECONFIG`: the admin kubeconfig
+//! through the bridge, or, in a namespace labelled `e2e.meshlet.dev/service-account-tokens:
+//! "true"`, a kubeconfig of its own with a token of the pod's service account (TokenRequest,
+//! bound to the pod, 1 h), so only RBAC grants what the pod may do; none at all with
+//! `automountServiceAccountToken: false` on the pod.
+//!
+//! Volumes: `secret`, `configMap` (keys, `items`, `optional`; a missing non-optional object is
+//! waited for 10 s, then fails the pod), `emptyDir`, `projected` (service account token when
+//! the namespace is labelled as above, `kube-root-ca.crt` from the cluster's CA, other
+//! Secrets/ConfigMaps, downward API names) and `hostPath` (the host path itself); any other
+//! kind is an empty directory. They are written to `<log dir>/<namespace>_<pod>/volumes/<volume>/`
+//! (files 0644, directories 0755, readable by any `runAsUser`; an emptyDir is 0777).
+//!
+//! **Limitation: there is no mount namespace.** A process sees the host's file system, not its
+//! `mountPath`s. The harness therefore rewrites every `command` word after the first, every
+//! `args` entry and every literal `env` value that starts with one of the container's
+//! `mountPath`s (whole path components; the longest mountPath wins; `subPath` is joined), and
+//! the value part of a `--flag=<path>` argument, to the materialized directory. A path inside
+//! a longer string (`sh -c "cat /etc/x/key"`), a config file naming another mounted path, or
+//! a program's built-in default path (the in-cluster service account directory) is not
+//! rewritten. `valueFrom.secretKeyRef`/`configMapKeyRef` and `envFrom` are not supported.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,15 +47,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Container, Node, Pod, Probe};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, KeyToPath, Namespace, Node, Pod, Probe, Secret, ServiceAccount,
+};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
+use meshlet::health::probes::AppProbes;
 use serde_json::json;
 
 pub const BRIDGE: &str = "mlbr0";
 pub const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const NODE: &str = "meshlet-e2e-node";
+/// A namespace with this label set to `"true"` gets service account tokens instead of the
+/// admin kubeconfig (see the module doc).
+pub const SA_TOKENS_LABEL: &str = "e2e.meshlet.dev/service-account-tokens";
+/// How long a pod's start waits for a Secret, ConfigMap or ServiceAccount to appear (helm may
+/// create them in the same moment as the pod).
+const OBJECT_WAIT: Duration = Duration::from_secs(10);
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -124,7 +157,9 @@ impl Cluster {
 
     /// A kubeconfig that processes inside pods can use (the API server through the bridge).
     /// Every container gets it as `KUBECONFIG` (the stand-in for the in-cluster service
-    /// account, which this harness cannot mount). World-readable: sidecars run as UID 7102.
+    /// account), unless its namespace asks for service account tokens (`SA_TOKENS_LABEL`) or
+    /// the pod sets `automountServiceAccountToken: false`. World-readable: sidecars run as UID
+    /// 7102.
     pub fn pod_kubeconfig(&self) -> PathBuf {
         self.kubelet.kubeconfig.clone()
     }
@@ -262,18 +297,169 @@ struct RunningPod {
     prober: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// What a pod's containers get from the harness besides their spec.
+struct PodFiles {
+    /// Volume name -> the directory (or, for hostPath, the path) standing in for it.
+    volumes: HashMap<String, PathBuf>,
+    /// Every container's `KUBECONFIG`; `None` with `automountServiceAccountToken: false`.
+    kubeconfig: Option<PathBuf>,
+}
+
+/// A container's mounts as (mountPath without a trailing '/', host path), longest first.
+fn mounts_for(c: &Container, files: &PodFiles) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut out = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        let base = files.volumes.get(&m.name).ok_or_else(|| {
+            format!(
+                "container {}: volumeMount {:?}: the pod has no such volume",
+                c.name, m.name
+            )
+        })?;
+        let mut host = base.clone();
+        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            host = host.join(safe_path(
+                sub,
+                &format!("volumeMount {:?} subPath", m.name),
+            )?);
+            // As kubelet does, a missing subPath becomes a directory (writable: it is in a
+            // writable volume, an emptyDir most likely).
+            if !host.exists() {
+                make_dir(&host)?;
+                chmod(&host, 0o777)?;
+            }
+        }
+        let path = m.mount_path.trim_end_matches('/');
+        if !path.is_empty() {
+            out.push((path.to_string(), host));
+        }
+    }
+    out.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    Ok(out)
+}
+
+/// `value` with a leading mountPath (or that of a `--flag=<path>`) replaced by its host path.
+fn rewrite(value: &str, mounts: &[(String, PathBuf)]) -> String {
+    if let Some(r) = rewrite_path(value, mounts) {
+        return r;
+    }
+    if value.starts_with('-')
+        && let Some((flag, v)) = value.split_once('=')
+        && let Some(r) = rewrite_path(v, mounts)
+    {
+        return format!("{flag}={r}");
+    }
+    value.to_string()
+}
+
+fn rewrite_path(value: &str, mounts: &[(String, PathBuf)]) -> Option<String> {
+    mounts.iter().find_map(|(mount, host)| {
+        let rest = value.strip_prefix(mount.as_str())?;
+        (rest.is_empty() || rest.starts_with('/')).then(|| format!("{}{rest}", host.display()))
+    })
+}
+
+/// A `fieldRef` as kubelet resolves it (the fields the harness knows; others are empty).
+fn field_value(pod: &Pod, path: &str, ip: Ipv4Addr) -> String {
+    let spec = pod.spec.as_ref();
+    match path {
+        "metadata.name" => pod.metadata.name.clone().unwrap_or_default(),
+        "metadata.namespace" => pod.metadata.namespace.clone().unwrap_or_default(),
+        "metadata.uid" => pod.metadata.uid.clone().unwrap_or_default(),
+        "status.podIP" => ip.to_string(),
+        "status.hostIP" => BRIDGE_IP.to_string(),
+        "spec.nodeName" => NODE.to_string(),
+        "spec.serviceAccountName" => spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
+        _ => String::new(),
+    }
+}
+
+/// A relative path without `..`, as volume item paths and subPaths must be.
+fn safe_path<'a>(p: &'a str, what: &str) -> Result<&'a Path, String> {
+    let path = Path::new(p);
+    let ok = !p.is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    ok.then_some(path)
+        .ok_or_else(|| format!("{what}: {p:?} is not a relative path without '..'"))
+}
+
+fn chmod(path: &Path, mode: u32) -> Result<(), String> {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))
+}
+
+/// Creates a directory (and its parents), 0755.
+fn make_dir(path: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(path).map_err(|e| format!("mkdir {}: {e}", path.display()))?;
+    chmod(path, 0o755)
+}
+
+/// Writes a file (creating its directory), 0644.
+fn write_file(path: &Path, data: &[u8]) -> Result<(), String> {
+    if let Some(parent) = path.parent() {
+        make_dir(parent)?;
+    }
+    std::fs::write(path, data).map_err(|e| format!("write {}: {e}", path.display()))?;
+    chmod(path, 0o644)
+}
+
+/// Writes a Secret's or ConfigMap's keys into `dir`: all of them, or `items` (key -> path; a
+/// missing key is an error unless the source is optional).
+fn write_keys(
+    dir: &Path,
+    data: &BTreeMap<String, Vec<u8>>,
+    items: Option<&[KeyToPath]>,
+    optional: bool,
+    what: &str,
+) -> Result<(), String> {
+    match items {
+        None => {
+            for (k, v) in data {
+                write_file(&dir.join(safe_path(k, what)?), v)?;
+            }
+        }
+        Some(items) => {
+            for it in items {
+                match data.get(&it.key) {
+                    Some(v) => write_file(&dir.join(safe_path(&it.path, what)?), v)?,
+                    None if optional => {}
+                    None => return Err(format!("{what}: no key {:?}", it.key)),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The stand-in kubelet.
 pub struct Kubelet {
     client: kube::Client,
     images: HashMap<String, PathBuf>,
+    /// Containers' logs, and per pod `<namespace>_<pod>/` (volumes, its kubeconfig).
     log_dir: PathBuf,
-    /// Given to every container as `KUBECONFIG`.
+    /// Given to every container as `KUBECONFIG` (unless service account tokens are asked for).
     kubeconfig: PathBuf,
+    /// The API server as pods reach it (`server:` of `kubeconfig`).
+    pod_server: String,
+    /// The cluster CA, base64 PEM (`certificate-authority-data:` of `kubeconfig`).
+    ca_data: String,
     pods: Mutex<HashMap<String, RunningPod>>,
+    /// Pods whose processes are being stopped (taken out of `pods`), by UID.
+    stopping: Mutex<HashSet<String>>,
     next: AtomicU32,
     /// When each pod was last marked Ready, by `namespace/name` (for latency measurements).
     pub ready_at: Mutex<HashMap<String, Instant>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The grace period a deletion asked for (`metadata.deletionGracePeriodSeconds`).
+fn deletion_grace(pod: &Pod) -> Option<Duration> {
+    pod.metadata
+        .deletion_grace_period_seconds
+        .map(|s| Duration::from_secs(s.clamp(0, 30) as u64))
 }
 
 fn key(pod: &Pod) -> String {
@@ -292,6 +478,22 @@ impl Kubelet {
         kubeconfig: PathBuf,
     ) -> Result<Arc<Kubelet>, String> {
         std::fs::create_dir_all(&log_dir).map_err(|e| e.to_string())?;
+        // Per-pod volumes live below: any runAsUser must be able to reach them.
+        for d in [Some(log_dir.as_path()), log_dir.parent()]
+            .into_iter()
+            .flatten()
+        {
+            chmod(d, 0o755)?;
+        }
+        let text = std::fs::read_to_string(&kubeconfig)
+            .map_err(|e| format!("{}: {e}", kubeconfig.display()))?;
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(key))
+                .map(|v| v.trim().to_string())
+                .ok_or_else(|| format!("{}: no {key}", kubeconfig.display()))
+        };
+        let (pod_server, ca_data) = (field("server:")?, field("certificate-authority-data:")?);
         let nodes: Api<Node> = Api::all(client.clone());
         let node: Node = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Node",
@@ -318,7 +520,10 @@ impl Kubelet {
             images,
             log_dir,
             kubeconfig,
+            pod_server,
+            ca_data,
             pods: Mutex::new(HashMap::new()),
+            stopping: Mutex::new(HashSet::new()),
             next: AtomicU32::new(0),
             ready_at: Mutex::new(HashMap::new()),
             task: Mutex::new(None),
@@ -339,9 +544,15 @@ impl Kubelet {
                     self.clone().reconcile(p).await
                 }
                 Ok(watcher::Event::Delete(p)) => {
+                    // Gone from the API while its processes still run: deleted with grace 0
+                    // (or forced), which kills at once. A graceful deletion was handled when
+                    // the deletionTimestamp appeared.
                     let k = key(&p);
-                    let this = self.clone();
-                    tokio::task::spawn_blocking(move || this.stop_pod(&k));
+                    let grace = deletion_grace(&p).unwrap_or(Duration::ZERO);
+                    if let Some(running) = self.take_pod(&k) {
+                        let this = self.clone();
+                        tokio::task::spawn_blocking(move || this.kill_pod(running, grace));
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => eprintln!("harness kubelet: pod watch: {e}"),
@@ -359,12 +570,25 @@ impl Kubelet {
             None => return,
         };
         if pod.metadata.deletion_timestamp.is_some() {
-            let this = self.clone();
             let uid = pod.metadata.uid.clone();
+            if self
+                .stopping
+                .lock()
+                .unwrap()
+                .contains(uid.as_deref().unwrap_or_default())
+            {
+                // Another event started the stop; that task removes the object.
+                return;
+            }
+            let running = self.take_pod(&k);
+            let grace = deletion_grace(&pod);
+            let this = self.clone();
             tokio::spawn(async move {
-                let k2 = k.clone();
-                let t = this.clone();
-                let _ = tokio::task::spawn_blocking(move || t.stop_pod(&k2)).await;
+                if let Some(running) = running {
+                    let grace = grace.unwrap_or(running.grace);
+                    let _ =
+                        tokio::task::spawn_blocking(move || this.kill_pod(running, grace)).await;
+                }
                 // The kubelet's last word: remove the pod object now that it has stopped.
                 let dp = DeleteParams {
                     grace_period_seconds: Some(0),
@@ -421,19 +645,34 @@ impl Kubelet {
         }
     }
 
-    fn command_for(&self, c: &Container) -> Result<(PathBuf, Vec<String>), String> {
-        let image = c.image.clone().unwrap_or_default();
-        let bin = self
-            .images
-            .get(&image)
-            .or_else(|| self.images.get(image.split(':').next().unwrap_or("")))
+    /// The local binary an image stands for: the full name, else without its digest and tag,
+    /// else the last path segment of that (`ghcr.io/x/meshlet:0.1.0` -> `meshlet`).
+    fn binary_for(&self, image: &str) -> Option<PathBuf> {
+        let name = image.split('@').next().unwrap_or("");
+        // The tag follows the last ':' after the last '/' (a registry may have a port).
+        let repo = match name.rfind(':') {
+            Some(i) if !name[i..].contains('/') => &name[..i],
+            _ => name,
+        };
+        let base = repo.rsplit('/').next().unwrap_or(repo);
+        [image, repo, base]
+            .into_iter()
+            .find_map(|n| self.images.get(n))
             .cloned()
-            .ok_or_else(|| {
-                format!(
-                    "no local binary for image {image:?} (known: {:?})",
-                    self.images.keys()
-                )
-            })?;
+    }
+
+    fn command_for(
+        &self,
+        c: &Container,
+        mounts: &[(String, PathBuf)],
+    ) -> Result<(PathBuf, Vec<String>), String> {
+        let image = c.image.clone().unwrap_or_default();
+        let bin = self.binary_for(&image).ok_or_else(|| {
+            format!(
+                "no local binary for image {image:?} (known: {:?})",
+                self.images.keys()
+            )
+        })?;
         // `command` replaces the image's entrypoint: its first word names the entrypoint
         // (mapped to the image's binary), the rest are arguments before `args`.
         let mut argv: Vec<String> = c
@@ -444,39 +683,33 @@ impl Kubelet {
             .skip(1)
             .collect();
         argv.extend(c.args.clone().unwrap_or_default());
+        let argv = argv.iter().map(|a| rewrite(a, mounts)).collect();
         Ok((bin, argv))
     }
 
-    fn env_for(&self, pod: &Pod, c: &Container, ip: Ipv4Addr) -> Vec<(String, String)> {
-        let mut env = vec![
-            (
-                "PATH".to_string(),
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-            ),
-            (
-                "KUBECONFIG".to_string(),
-                self.kubeconfig.display().to_string(),
-            ),
-        ];
+    fn env_for(
+        &self,
+        pod: &Pod,
+        c: &Container,
+        ip: Ipv4Addr,
+        files: &PodFiles,
+        mounts: &[(String, PathBuf)],
+    ) -> Vec<(String, String)> {
+        let mut env = vec![(
+            "PATH".to_string(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        )];
+        if let Some(k) = &files.kubeconfig {
+            env.push(("KUBECONFIG".to_string(), k.display().to_string()));
+        }
         for e in c.env.iter().flatten() {
             let value = match (&e.value, &e.value_from) {
-                (Some(v), _) => v.clone(),
-                (None, Some(from)) => {
-                    match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
-                        Some("metadata.name") => pod.metadata.name.clone().unwrap_or_default(),
-                        Some("metadata.namespace") => {
-                            pod.metadata.namespace.clone().unwrap_or_default()
-                        }
-                        Some("status.podIP") => ip.to_string(),
-                        Some("spec.nodeName") => NODE.to_string(),
-                        Some("spec.serviceAccountName") => pod
-                            .spec
-                            .as_ref()
-                            .and_then(|s| s.service_account_name.clone())
-                            .unwrap_or_else(|| "default".into()),
-                        _ => String::new(),
-                    }
-                }
+                (Some(v), _) => rewrite(v, mounts),
+                (None, Some(from)) => from
+                    .field_ref
+                    .as_ref()
+                    .map(|f| field_value(pod, &f.field_path, ip))
+                    .unwrap_or_default(),
                 _ => String::new(),
             };
             env.push((e.name.clone(), value));
@@ -490,8 +723,10 @@ impl Kubelet {
         c: &Container,
         netns: &str,
         ip: Ipv4Addr,
+        files: &PodFiles,
     ) -> Result<Child, String> {
-        let (bin, argv) = self.command_for(c)?;
+        let mounts = mounts_for(c, files)?;
+        let (bin, argv) = self.command_for(c, &mounts)?;
         let log = self
             .log_dir
             .join(format!("{}_{}.log", key(pod).replace('/', "_"), c.name));
@@ -510,9 +745,290 @@ impl Kubelet {
             ]);
         }
         cmd.arg(&bin).args(&argv);
-        cmd.env_clear().envs(self.env_for(pod, c, ip));
+        cmd.env_clear()
+            .envs(self.env_for(pod, c, ip, files, &mounts));
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // Its own process group, so stopping the container also stops what it started (as
+        // killing a container's cgroup does).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.spawn().map_err(|e| format!("{}: {e}", bin.display()))
+    }
+
+    /// The pod's credentials and volumes, written below `<log dir>/<namespace>_<pod>/`.
+    async fn prepare_files(&self, pod: &Pod, ip: Ipv4Addr) -> Result<PodFiles, String> {
+        let dir = self.log_dir.join(key(pod).replace('/', "_"));
+        // A pod of the same name may have run before: start from nothing.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        make_dir(&dir)?;
+        let (kubeconfig, token) = self.credentials(pod, &dir).await?;
+        let volumes = self
+            .materialize_volumes(pod, &dir, ip, token.as_deref())
+            .await?;
+        Ok(PodFiles {
+            volumes,
+            kubeconfig,
+        })
+    }
+
+    /// The pod's `KUBECONFIG` and service account token (see the module doc).
+    async fn credentials(
+        &self,
+        pod: &Pod,
+        dir: &Path,
+    ) -> Result<(Option<PathBuf>, Option<String>), String> {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let automount = spec.automount_service_account_token != Some(false);
+        let projected_token = spec.volumes.iter().flatten().any(|v| {
+            v.projected
+                .iter()
+                .flat_map(|p| p.sources.iter().flatten())
+                .any(|s| s.service_account_token.is_some())
+        });
+        if !automount && !projected_token {
+            return Ok((None, None));
+        }
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let labelled = Api::<Namespace>::all(self.client.clone())
+            .get(&ns)
+            .await
+            .map_err(|e| format!("get namespace {ns}: {e}"))?
+            .metadata
+            .labels
+            .and_then(|l| l.get(SA_TOKENS_LABEL).cloned())
+            .is_some_and(|v| v == "true");
+        if !labelled {
+            return Ok((automount.then(|| self.kubeconfig.clone()), None));
+        }
+        let sa = spec
+            .service_account_name
+            .clone()
+            .or(spec.service_account.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let token = self.request_token(pod, &ns, &sa).await?;
+        if !automount {
+            return Ok((None, Some(token)));
+        }
+        let path = dir.join("kubeconfig");
+        let server = &self.pod_server;
+        let ca = &self.ca_data;
+        let text = [
+            "apiVersion: v1",
+            "kind: Config",
+            "clusters:",
+            "- name: e2e",
+            "  cluster:",
+            &format!("    server: {server}"),
+            &format!("    certificate-authority-data: {ca}"),
+            "users:",
+            &format!("- name: {sa}"),
+            "  user:",
+            &format!("    token: {token}"),
+            "contexts:",
+            &format!("- name: {sa}"),
+            "  context:",
+            "    cluster: e2e",
+            &format!("    user: {sa}"),
+            &format!("    namespace: {ns}"),
+            &format!("current-context: {sa}"),
+            "",
+        ]
+        .join("\n");
+        write_file(&path, text.as_bytes())?;
+        Ok((Some(path), Some(token)))
+    }
+
+    /// A token of service account `sa` bound to the pod (TokenRequest, 1 h); waits up to
+    /// `OBJECT_WAIT` for the service account to exist.
+    async fn request_token(&self, pod: &Pod, ns: &str, sa: &str) -> Result<String, String> {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+        let tr: TokenRequest = serde_json::from_value(json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {
+                "audiences": [], "expirationSeconds": 3600,
+                "boundObjectRef": {
+                    "apiVersion": "v1", "kind": "Pod",
+                    "name": pod.metadata.name, "uid": pod.metadata.uid,
+                },
+            },
+        }))
+        .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + OBJECT_WAIT;
+        loop {
+            let err = match sas
+                .create_token_request(sa, &PostParams::default(), &tr)
+                .await
+            {
+                Ok(t) => match t.status.map(|s| s.token).filter(|t| !t.is_empty()) {
+                    Some(token) => return Ok(token),
+                    None => "the answer has no token".to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "token of service account {ns}/{sa} (waited {OBJECT_WAIT:?}): {err}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Writes the pod's volumes below `dir/volumes/`: volume name -> host path.
+    async fn materialize_volumes(
+        &self,
+        pod: &Pod,
+        dir: &Path,
+        ip: Ipv4Addr,
+        token: Option<&str>,
+    ) -> Result<HashMap<String, PathBuf>, String> {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let mut out = HashMap::new();
+        for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+            if let Some(h) = &v.host_path {
+                out.insert(v.name.clone(), PathBuf::from(&h.path));
+                continue;
+            }
+            let path = dir.join("volumes").join(&v.name);
+            make_dir(&path)?;
+            let what = format!("volume {:?}", v.name);
+            if let Some(s) = &v.secret {
+                let name = s.secret_name.clone().unwrap_or_default();
+                let optional = s.optional.unwrap_or(false);
+                let data = self.secret_data(&ns, &name, optional, &what).await?;
+                write_keys(&path, &data, s.items.as_deref(), optional, &what)?;
+            } else if let Some(cm) = &v.config_map {
+                let optional = cm.optional.unwrap_or(false);
+                let data = self.config_map_data(&ns, &cm.name, optional, &what).await?;
+                write_keys(&path, &data, cm.items.as_deref(), optional, &what)?;
+            } else if let Some(p) = &v.projected {
+                for src in p.sources.iter().flatten() {
+                    if let Some(t) = &src.service_account_token {
+                        if let Some(token) = token {
+                            write_file(&path.join(safe_path(&t.path, &what)?), token.as_bytes())?;
+                        }
+                    } else if let Some(s) = &src.secret {
+                        let optional = s.optional.unwrap_or(false);
+                        let data = self.secret_data(&ns, &s.name, optional, &what).await?;
+                        write_keys(&path, &data, s.items.as_deref(), optional, &what)?;
+                    } else if let Some(cm) = &src.config_map {
+                        let optional = cm.optional.unwrap_or(false);
+                        let data = if cm.name == "kube-root-ca.crt" {
+                            // Its publisher does not run here: the cluster's CA stands in.
+                            BTreeMap::from([("ca.crt".to_string(), self.ca_pem())])
+                        } else {
+                            self.config_map_data(&ns, &cm.name, optional, &what).await?
+                        };
+                        write_keys(&path, &data, cm.items.as_deref(), optional, &what)?;
+                    } else if let Some(d) = &src.downward_api {
+                        for item in d.items.iter().flatten() {
+                            if let Some(f) = &item.field_ref {
+                                let value = field_value(pod, &f.field_path, ip);
+                                write_file(
+                                    &path.join(safe_path(&item.path, &what)?),
+                                    value.as_bytes(),
+                                )?;
+                            }
+                        }
+                    }
+                }
+            }
+            if v.secret.is_none() && v.config_map.is_none() && v.projected.is_none() {
+                // emptyDir and any other kind: an empty directory anyone may write to, as
+                // kubelet makes an emptyDir (0777).
+                chmod(&path, 0o777)?;
+            }
+            out.insert(v.name.clone(), path);
+        }
+        Ok(out)
+    }
+
+    /// The cluster CA in PEM.
+    fn ca_pem(&self) -> Vec<u8> {
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &self.ca_data)
+            .unwrap_or_default()
+    }
+
+    async fn secret_data(
+        &self,
+        ns: &str,
+        name: &str,
+        optional: bool,
+        what: &str,
+    ) -> Result<BTreeMap<String, Vec<u8>>, String> {
+        let Some(s) = self.fetch::<Secret>(ns, name, optional, what).await? else {
+            return Ok(BTreeMap::new());
+        };
+        let mut data: BTreeMap<String, Vec<u8>> = s
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        // The API server folds stringData into data; kept in case an object carries it.
+        for (k, v) in s.string_data.unwrap_or_default() {
+            data.insert(k, v.into_bytes());
+        }
+        Ok(data)
+    }
+
+    async fn config_map_data(
+        &self,
+        ns: &str,
+        name: &str,
+        optional: bool,
+        what: &str,
+    ) -> Result<BTreeMap<String, Vec<u8>>, String> {
+        let Some(cm) = self.fetch::<ConfigMap>(ns, name, optional, what).await? else {
+            return Ok(BTreeMap::new());
+        };
+        let mut data: BTreeMap<String, Vec<u8>> = cm
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.into_bytes()))
+            .collect();
+        for (k, v) in cm.binary_data.unwrap_or_default() {
+            data.insert(k, v.0);
+        }
+        Ok(data)
+    }
+
+    /// Gets a namespaced object; a missing one is `None` when optional, else waited for up to
+    /// `OBJECT_WAIT` and then an error.
+    async fn fetch<K>(
+        &self,
+        ns: &str,
+        name: &str,
+        optional: bool,
+        what: &str,
+    ) -> Result<Option<K>, String>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), ns);
+        let kind = K::kind(&Default::default()).to_string();
+        let deadline = Instant::now() + OBJECT_WAIT;
+        loop {
+            let err = match api.get_opt(name).await {
+                Ok(Some(o)) => return Ok(Some(o)),
+                Ok(None) if optional => return Ok(None),
+                Ok(None) => "not found".to_string(),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{what}: {kind} {ns}/{name}: {err} (waited {OBJECT_WAIT:?})"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     async fn start_pod(self: Arc<Self>, pod: &Pod) -> Result<(), String> {
@@ -520,6 +1036,7 @@ impl Kubelet {
         let spec = pod.spec.clone().unwrap_or_default();
         let idx = self.next.fetch_add(1, Ordering::SeqCst);
         let ip = Ipv4Addr::new(198, 18, 1 + (idx / 250) as u8, 2 + (idx % 250) as u8);
+        let files = self.prepare_files(pod, ip).await?;
         let netns = format!("mlp{}-{idx}", std::process::id());
         Network::add_pod(&netns, idx, ip)?;
         let mut running = RunningPod {
@@ -539,7 +1056,7 @@ impl Kubelet {
         // Always`) is started and kept running, and the next one starts once its startupProbe
         // passes.
         for c in spec.init_containers.iter().flatten() {
-            let mut child = match self.spawn_container(pod, c, &netns, ip) {
+            let mut child = match self.spawn_container(pod, c, &netns, ip, &files) {
                 Ok(child) => child,
                 Err(e) => {
                     Self::abort_start(running, &netns, idx);
@@ -566,7 +1083,7 @@ impl Kubelet {
             }
         }
         for c in &spec.containers {
-            match self.spawn_container(pod, c, &netns, ip) {
+            match self.spawn_container(pod, c, &netns, ip, &files) {
                 Ok(child) => running.children.push((c.name.clone(), child)),
                 Err(e) => {
                     Self::abort_start(running, &netns, idx);
@@ -590,7 +1107,7 @@ impl Kubelet {
     /// Kills what a failed start left running and removes the pod's network namespace.
     fn abort_start(running: RunningPod, netns: &str, idx: u32) {
         for (_, mut ch) in running.children {
-            let _ = ch.kill();
+            signal_group(&ch, libc::SIGKILL);
             let _ = ch.wait();
         }
         Network::remove_pod(netns, idx);
@@ -610,8 +1127,9 @@ impl Kubelet {
                 + p.initial_delay_seconds.unwrap_or(0).max(0) as u64,
         );
         let deadline = Instant::now() + bound;
+        let check = PodProbe::new(p, c, "startupz");
         loop {
-            if probe(p, c, ip).await {
+            if check.passes(ip).await {
                 return Ok(());
             }
             if let Some((_, child)) = running.children.iter_mut().find(|(n, _)| *n == c.name)
@@ -646,6 +1164,15 @@ impl Kubelet {
             .iter()
             .map(|c| (c.name.clone(), (c.readiness_probe.is_none(), 0, 0)))
             .collect();
+        let checks: BTreeMap<String, PodProbe> = containers
+            .iter()
+            .filter_map(|c| {
+                Some((
+                    c.name.clone(),
+                    PodProbe::new(c.readiness_probe.as_ref()?, c, "readyz"),
+                ))
+            })
+            .collect();
         let mut last_ready: Option<bool> = None;
         let period = containers
             .iter()
@@ -663,7 +1190,7 @@ impl Kubelet {
                 {
                     continue;
                 }
-                let ok = probe(p, c, ip).await;
+                let ok = checks[&c.name].passes(ip).await;
                 let entry = state.get_mut(&c.name).expect("container state");
                 if ok {
                     entry.1 += 1;
@@ -724,33 +1251,60 @@ impl Kubelet {
     /// Stops a pod's processes (SIGTERM, then SIGKILL after its grace period) and removes its
     /// network namespace. Blocking.
     pub fn stop_pod(&self, k: &str) {
-        let Some(mut p) = self.pods.lock().unwrap().remove(k) else {
-            return;
+        self.stop_pod_within(k, None);
+    }
+
+    /// As `stop_pod`, with `grace` instead of the pod's `terminationGracePeriodSeconds` (at most
+    /// 30 s; zero sends SIGKILL at once). Whether the pod was running.
+    pub fn stop_pod_within(&self, k: &str, grace: Option<Duration>) -> bool {
+        let Some(p) = self.take_pod(k) else {
+            return false;
         };
+        let grace = grace.unwrap_or(p.grace);
+        self.kill_pod(p, grace);
+        true
+    }
+
+    /// Takes a pod out of the running set (stops its prober) and marks it as stopping.
+    fn take_pod(&self, k: &str) -> Option<RunningPod> {
+        let mut pods = self.pods.lock().unwrap();
+        let mut p = pods.remove(k)?;
+        self.stopping.lock().unwrap().insert(p.uid.clone());
+        drop(pods);
         if let Some(t) = p.prober.take() {
             t.abort();
         }
+        Some(p)
+    }
+
+    /// Stops a taken pod's processes and removes its network namespace. Blocking.
+    fn kill_pod(&self, mut p: RunningPod, grace: Duration) {
+        let grace = grace.min(Duration::from_secs(30));
+        let signal = if grace.is_zero() {
+            libc::SIGKILL
+        } else {
+            libc::SIGTERM
+        };
         for (_, c) in &p.children {
-            // SAFETY: kill(2) on a PID this harness started and has not reaped yet.
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
+            signal_group(c, signal);
+        }
+        let deadline = Instant::now() + grace;
+        for (_, c) in &p.children {
+            while !exited(c) {
+                if Instant::now() >= deadline {
+                    signal_group(c, libc::SIGKILL);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let deadline = Instant::now() + p.grace;
+        // What the containers started and left behind goes too; then reap them.
         for (_, c) in p.children.iter_mut() {
-            loop {
-                match c.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() >= deadline => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
+            signal_group(c, libc::SIGKILL);
+            let _ = c.wait();
         }
         Network::remove_pod(&p.netns, p.idx);
+        self.stopping.lock().unwrap().remove(&p.uid);
     }
 
     /// Stops every pod (at the end of the run).
@@ -782,6 +1336,42 @@ impl Kubelet {
     }
 }
 
+/// Whether a container's process has exited, without reaping it: until it is reaped its PID,
+/// which is also its process group's ID, cannot be reused.
+fn exited(c: &Child) -> bool {
+    // SAFETY: waitid(2) with WNOWAIT on our own child only reads its state into `info`.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(
+            libc::P_PID,
+            c.id(),
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        // An error (ECHILD) means it was reaped already.
+        r != 0 || info.si_pid() != 0
+    }
+}
+
+/// Sends `sig` to a container's process group (it leads one), unless the container was
+/// reaped already (then its PID may belong to someone else by now).
+fn signal_group(c: &Child, sig: i32) {
+    // SAFETY: waitid(2) with WNOWAIT only reads; kill(2) targets the group of a child that
+    // has not been reaped, so the group ID is still ours.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(
+            libc::P_PID,
+            c.id(),
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        if r == 0 {
+            libc::kill(-(c.id() as i32), sig);
+        }
+    }
+}
+
 fn now() -> String {
     // RFC 3339 in UTC, seconds precision, as the API expects for timestamps.
     let secs = std::time::SystemTime::now()
@@ -805,54 +1395,57 @@ fn now() -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
 }
 
-fn resolve_port(port: &IntOrString, c: &Container) -> Option<u16> {
-    match port {
-        IntOrString::Int(p) => u16::try_from(*p).ok(),
-        IntOrString::String(name) => c
+/// A readiness or startup probe, compiled once with the crate's kubelet-style prober
+/// (`meshlet::health::probes`, the JSON of `MESHLET_APP_PROBES`): httpGet over HTTP or HTTPS
+/// (no certificate checks; 200-399 passes), tcpSocket and grpc, each within `timeoutSeconds`.
+enum PodProbe {
+    /// exec probes are not run by this harness: they pass.
+    Pass,
+    /// The compiled probe, under the key `c` and the probe name given.
+    Run(AppProbes, &'static str),
+    /// A probe the prober refuses (say, a named port the container does not declare) fails,
+    /// as kubelet's would.
+    Invalid,
+}
+
+impl PodProbe {
+    /// `kind`: `readyz` or `startupz`.
+    fn new(p: &Probe, c: &Container, kind: &'static str) -> PodProbe {
+        if p.exec.is_some() {
+            return PodProbe::Pass;
+        }
+        let ports: BTreeMap<String, i32> = c
             .ports
             .iter()
             .flatten()
-            .find(|p| p.name.as_deref() == Some(name.as_str()))
-            .and_then(|p| u16::try_from(p.container_port).ok()),
-    }
-}
-
-/// One readiness probe, with kubelet's semantics: HTTP 200-399 succeeds, a TCP connect
-/// succeeds, each within the probe's timeout.
-async fn probe(p: &Probe, c: &Container, ip: Ipv4Addr) -> bool {
-    let timeout = Duration::from_secs(p.timeout_seconds.unwrap_or(1).max(1) as u64);
-    let attempt = async {
-        if let Some(h) = &p.http_get {
-            let port = resolve_port(&h.port, c)?;
-            let host = h.host.clone().unwrap_or_else(|| ip.to_string());
-            let addr: SocketAddr = format!("{host}:{port}").parse().ok()?;
-            let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .ok()?;
-            tokio::spawn(conn);
-            let mut req = http::Request::get(h.path.clone().unwrap_or_else(|| "/".into()))
-                .header("host", format!("{host}:{port}"))
-                .header("user-agent", "kube-probe/meshlet-e2e");
-            for hh in h.http_headers.iter().flatten() {
-                req = req.header(hh.name.as_str(), hh.value.as_str());
+            .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+            .collect();
+        let mut container = serde_json::Map::new();
+        container.insert("ports".into(), json!(ports));
+        container.insert(kind.into(), json!(p));
+        let json = json!({ "c": container }).to_string();
+        match AppProbes::parse(&json) {
+            Ok(probes) => PodProbe::Run(probes, kind),
+            Err(e) => {
+                eprintln!(
+                    "harness kubelet: container {}: {kind} probe always fails: {e}",
+                    c.name
+                );
+                PodProbe::Invalid
             }
-            let req = req
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .ok()?;
-            let rsp = sender.send_request(req).await.ok()?;
-            let code = rsp.status().as_u16();
-            Some((200..400).contains(&code))
-        } else if let Some(t) = &p.tcp_socket {
-            let port = resolve_port(&t.port, c)?;
-            Some(tokio::net::TcpStream::connect((ip, port)).await.is_ok())
-        } else {
-            // exec and grpc probes are not run by this harness: treated as passing.
-            Some(true)
         }
-    };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+    }
+
+    async fn passes(&self, ip: Ipv4Addr) -> bool {
+        match self {
+            PodProbe::Pass => true,
+            PodProbe::Invalid => false,
+            PodProbe::Run(probes, kind) => probes
+                .run("c", kind, ip.into())
+                .await
+                .is_some_and(|r| r.success),
+        }
+    }
 }
 
 /// Polls `f` until it returns Some or the deadline passes.
@@ -878,8 +1471,14 @@ pub fn binaries() -> HashMap<String, PathBuf> {
     let meshlet = PathBuf::from(env!("CARGO_BIN_EXE_meshlet"));
     let target = meshlet.parent().expect("target dir").to_path_buf();
     let mut m = HashMap::new();
-    m.insert("meshlet".to_string(), meshlet);
+    m.insert("meshlet".to_string(), meshlet.clone());
+    // The chart's init container image (meshlet plus iptables).
+    m.insert("meshlet-init".to_string(), meshlet);
     m.insert("e2e-app".to_string(), target.join("examples/e2e-app"));
+    m.insert(
+        "meshlet-e2e-app".to_string(),
+        target.join("examples/e2e-app"),
+    );
     m.insert("iptables".to_string(), PathBuf::from("/usr/sbin/iptables"));
     m.insert("sh".to_string(), PathBuf::from("/bin/sh"));
     m
