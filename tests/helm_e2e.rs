@@ -328,14 +328,15 @@ fn check_meshed(pod: &Pod, tag: &str) -> TestResult {
     Ok(())
 }
 
-async fn helm_install(ctx: &Ctx, extra: &[&str]) -> TestResult {
+/// `helm upgrade --install --wait`; Ok(its output, NOTES included).
+async fn helm_install(ctx: &Ctx, extra: &[&str]) -> Result<String, String> {
     let mut cmd = ctx.helm();
     cmd.args(["upgrade", "--install", RELEASE, &ctx.chart()])
         .args(["--namespace", SYSTEM_NS, "--create-namespace"])
         .args(["--wait", "--timeout", "180s"])
         .args(ctx.image_values())
         .args(extra);
-    tokio::task::block_in_place(|| run(&mut cmd)).map(|_| ())
+    tokio::task::block_in_place(|| run(&mut cmd))
 }
 
 async fn webhook_ca(ctx: &Ctx) -> Result<String, String> {
@@ -423,8 +424,12 @@ async fn chart_and_manifests_pass_server_side_dry_run(ctx: &Ctx) -> TestResult {
 async fn helm_install_meshes_two_services(ctx: &Ctx) -> TestResult {
     ctx.namespace(SYSTEM_NS, json!({})).await?;
     let t = Instant::now();
-    helm_install(ctx, &[]).await?;
+    let out = helm_install(ctx, &[]).await?;
     println!("    helm install --wait: {:?}", t.elapsed());
+    // NOTES.txt tells the user the next step.
+    if !out.contains("kubectl annotate namespace <ns> meshlet.dev/inject=enabled") {
+        return Err(format!("helm install's notes lack the opt-in step:\n{out}"));
+    }
     let deploy: Api<Deployment> = Api::namespaced(ctx.client.clone(), SYSTEM_NS);
     let d = deploy
         .get("meshlet-injector")
@@ -601,9 +606,41 @@ async fn helm_upgrade_keeps_the_webhook_working(ctx: &Ctx) -> TestResult {
         .get("meshlet-injector-tls")
         .await
         .map_err(|e| e.to_string())?);
+    // The upgrade changes a flag of the injector (it rolls) and narrows the sidecars' RBAC to
+    // the meshed namespace.
     let t = Instant::now();
-    helm_install(ctx, &["--set", "injector.logLevel=debug"]).await?;
+    let apps = format!("proxy.rbac.namespaces={{{APPS_NS}}}");
+    helm_install(
+        ctx,
+        &[
+            "--set",
+            "injector.logLevel=debug",
+            "--set",
+            "proxy.rbac.scope=namespaces",
+            "--set",
+            &apps,
+        ],
+    )
+    .await?;
     println!("    helm upgrade --wait: {:?}", t.elapsed());
+    for (ns, want) in [(APPS_NS, "yes"), ("default", "no")] {
+        let got = tokio::task::block_in_place(|| {
+            let mut cmd = ctx.kubectl();
+            cmd.args(["auth", "can-i", "list", "services"])
+                .arg(format!("--as=system:serviceaccount:{ns}:default"))
+                .arg("--as-group=system:serviceaccounts")
+                .arg(format!("--as-group=system:serviceaccounts:{ns}"));
+            // can-i exits 1 for "no": read its answer, not its status.
+            cmd.output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .map_err(|e| e.to_string())
+        })?;
+        if got != want {
+            return Err(format!(
+                "after scope=namespaces, can a service account of {ns} list services? {got:?}, want {want:?}"
+            ));
+        }
+    }
     if webhook_ca(ctx).await? != ca_before {
         return Err("helm upgrade replaced the webhook's CA".into());
     }
@@ -707,6 +744,104 @@ async fn helm_uninstall_leaves_nothing_behind(ctx: &Ctx) -> TestResult {
     println!("    alpha -> beta after uninstall: {:?}", b.ok);
     if ctx.would_inject(APPS_NS).await? {
         return Err("a pod is still injected after uninstall".into());
+    }
+    Ok(())
+}
+
+/// The plain manifests: `kubectl apply -f manifests/meshlet.yaml` and
+/// `manifests/webhook-cert.sh` (the images swapped for the ones under test) mesh new pods.
+async fn plain_manifests_and_webhook_cert_script_mesh_pods(ctx: &Ctx) -> TestResult {
+    need_install(ctx)?;
+    let text = std::fs::read_to_string(repo().join("manifests/meshlet.yaml"))
+        .map_err(|e| format!("manifests/meshlet.yaml: {e}"))?;
+    let version = env!("CARGO_PKG_VERSION");
+    let text = text
+        .replace(
+            &format!("ghcr.io/meshlet/meshlet-init:{version}"),
+            &format!("meshlet-init:{}", ctx.tag),
+        )
+        .replace(
+            &format!("ghcr.io/meshlet/meshlet:{version}"),
+            &format!("meshlet:{}", ctx.tag),
+        );
+    let file = std::env::temp_dir().join(format!("meshlet-manifests-{}.yaml", std::process::id()));
+    std::fs::write(&file, text).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let applied = tokio::task::block_in_place(|| {
+        run(ctx.kubectl().args(["apply", "-f"]).arg(&file))?;
+        run(Command::new("bash")
+            .arg(repo().join("manifests/webhook-cert.sh"))
+            .env("KUBECTL", &ctx.kubectl)
+            .env("KUBECONFIG", &ctx.kubeconfig))
+    });
+    let result = match applied {
+        Ok(out) => {
+            println!("    {}", out.trim());
+            manifests_mesh_pods(ctx, t).await
+        }
+        Err(e) => Err(e),
+    };
+    // Leave no cluster-scoped object behind (the namespaces go at the end of the run).
+    let _ = tokio::task::block_in_place(|| {
+        run(ctx
+            .kubectl()
+            .args(["delete", "--ignore-not-found", "--wait=false", "-f"])
+            .arg(&file))
+    });
+    let _ = std::fs::remove_file(&file);
+    result
+}
+
+async fn manifests_mesh_pods(ctx: &Ctx, t: Instant) -> TestResult {
+    let deploy: Api<Deployment> = Api::namespaced(ctx.client.clone(), SYSTEM_NS);
+    wait_for(
+        "the injector from manifests/ to be available",
+        Duration::from_secs(120),
+        || async {
+            let d = deploy.get("meshlet-injector").await.ok()?;
+            (d.status?.ready_replicas? == 2).then_some(())
+        },
+    )
+    .await?;
+    wait_for(
+        "pods to be injected again",
+        Duration::from_secs(30),
+        || async { ctx.would_inject(APPS_NS).await.ok().filter(|b| *b) },
+    )
+    .await?;
+    println!(
+        "    injector from manifests/ available in {:?}",
+        t.elapsed()
+    );
+    // A new replica of beta is meshed by it, and balanced to.
+    Api::<Deployment>::namespaced(ctx.client.clone(), APPS_NS)
+        .patch(
+            "beta",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": REPLICAS + 1}})),
+        )
+        .await
+        .map_err(|e| format!("scale beta: {e}"))?;
+    let pods = ctx.wait_ready_pods(APPS_NS, "beta", REPLICAS + 1).await?;
+    for p in &pods {
+        check_meshed(p, &ctx.tag)?;
+    }
+    let mut last = None;
+    for _ in 0..10 {
+        let b = ctx.clone_handle().burst("alpha", 400, 4).await?;
+        if b.failed > 0 {
+            return Err(format!("alpha -> beta: {b:?}"));
+        }
+        if b.ok.len() == REPLICAS + 1 {
+            println!("    alpha -> beta with the manifests' injector: {:?}", b.ok);
+            last = None;
+            break;
+        }
+        last = Some(b);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Some(b) = last {
+        return Err(format!("the new beta replica gets no traffic: {b:?}"));
     }
     Ok(())
 }
@@ -897,6 +1032,7 @@ fn main() {
         trial!(killed_replica_fails_no_idempotent_request),
         trial!(helm_upgrade_keeps_the_webhook_working),
         trial!(helm_uninstall_leaves_nothing_behind),
+        trial!(plain_manifests_and_webhook_cert_script_mesh_pods),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     // Leave the cluster as found (kind) or stop it (local).
