@@ -419,6 +419,96 @@ async fn chart_and_manifests_pass_server_side_dry_run(ctx: &Ctx) -> TestResult {
     Ok(())
 }
 
+/// cert-manager's CRDs (`deploy/crds` of its Go module, from the Go module proxy); the values
+/// that ask for cert-manager render objects those CRDs' schemas accept.
+const CERT_MANAGER: &str = "github.com/cert-manager/cert-manager@v1.21.2";
+
+async fn cert_manager_values_pass_server_side_dry_run(ctx: &Ctx) -> TestResult {
+    let dir = tokio::task::block_in_place(|| {
+        let out = run(Command::new("go")
+            .args(["mod", "download", "-json", CERT_MANAGER])
+            .current_dir(std::env::temp_dir())
+            .env("GOFLAGS", "-mod=mod"))?;
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+        v["Dir"]
+            .as_str()
+            .map(|d| Path::new(d).join("deploy/crds"))
+            .ok_or(format!("go mod download {CERT_MANAGER}: no Dir in {out}"))
+    })?;
+    let crds = ["certificates", "issuers", "clusterissuers"];
+    let files: Vec<PathBuf> = crds
+        .iter()
+        .map(|c| dir.join(format!("cert-manager.io_{c}.yaml")))
+        .collect();
+    tokio::task::block_in_place(|| {
+        let mut cmd = ctx.kubectl();
+        cmd.arg("apply");
+        for f in &files {
+            cmd.arg("-f").arg(f);
+        }
+        run(&mut cmd)?;
+        run(ctx
+            .kubectl()
+            .args(["wait", "--for=condition=Established", "--timeout=60s"])
+            .args(crds.iter().map(|c| format!("crd/{c}.cert-manager.io"))))
+    })?;
+    let ns = "meshlet-dry-run-cm";
+    ctx.namespace(ns, json!({})).await?;
+    let mut result = Ok(());
+    for values in ["cert-manager", "cert-manager-issuer"] {
+        let file = repo().join(format!("tests/golden/chart/{values}.values.yaml"));
+        let out = tokio::task::block_in_place(|| {
+            let rendered = run(ctx
+                .helm()
+                .args([
+                    "template",
+                    "meshlet",
+                    &ctx.chart(),
+                    "--namespace",
+                    ns,
+                    "--values",
+                ])
+                .arg(&file))?;
+            let tmp = std::env::temp_dir().join(format!("meshlet-cm-{}.yaml", std::process::id()));
+            std::fs::write(&tmp, rendered).map_err(|e| e.to_string())?;
+            let out = run(ctx
+                .kubectl()
+                .args(["apply", "--dry-run=server", "-f"])
+                .arg(&tmp));
+            let _ = std::fs::remove_file(&tmp);
+            out
+        });
+        match out {
+            Ok(out) if out.contains("certificate.cert-manager.io/meshlet-injector created") => {
+                println!(
+                    "    {values}: {} cert-manager objects accepted",
+                    out.matches("cert-manager.io/").count()
+                );
+            }
+            Ok(out) => {
+                result = Err(format!("{values}: no Certificate in the dry run:\n{out}"));
+                break;
+            }
+            Err(e) => {
+                result = Err(format!("{values}: {e}"));
+                break;
+            }
+        }
+    }
+    let _ = Api::<Namespace>::all(ctx.client.clone())
+        .delete(ns, &DeleteParams::default())
+        .await;
+    let _ = tokio::task::block_in_place(|| {
+        let mut cmd = ctx.kubectl();
+        cmd.args(["delete", "--ignore-not-found", "--wait=false"]);
+        for f in &files {
+            cmd.arg("-f").arg(f);
+        }
+        run(&mut cmd)
+    });
+    result
+}
+
 /// helm install; annotate a namespace; two Deployments calling each other are meshed, Ready
 /// through their sidecars, and every request is balanced over the other's replicas.
 async fn helm_install_meshes_two_services(ctx: &Ctx) -> TestResult {
@@ -1028,6 +1118,7 @@ fn main() {
     }
     let trials = vec![
         trial!(chart_and_manifests_pass_server_side_dry_run),
+        trial!(cert_manager_values_pass_server_side_dry_run),
         trial!(helm_install_meshes_two_services),
         trial!(killed_replica_fails_no_idempotent_request),
         trial!(helm_upgrade_keeps_the_webhook_working),

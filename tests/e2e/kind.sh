@@ -19,6 +19,8 @@
 #   kubectl   any version within one minor of the cluster's
 #   helm      v3 (the suite is written against helm 3)
 #   cargo     the Rust toolchain (https://rustup.rs), to build and run the test
+#   go        only to fetch cert-manager's CRDs from the Go module proxy (one test validates the
+#             chart's cert-manager objects against them)
 #   git       only to derive the default image tag
 #
 # Environment:
@@ -109,6 +111,10 @@ if ! command -v "$helm_bin" >/dev/null 2>&1; then
 fi
 if ! command -v cargo >/dev/null 2>&1; then
   log "cargo not found; install the Rust toolchain: https://rustup.rs"
+  missing=1
+fi
+if ! command -v go >/dev/null 2>&1; then
+  log "go not found; install Go (https://go.dev/dl/): the suite fetches cert-manager's CRDs through the Go module proxy"
   missing=1
 fi
 if [[ ! -f Dockerfile ]]; then
