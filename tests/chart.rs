@@ -203,6 +203,33 @@ fn schema_and_templates_refuse_bad_values_naming_them() {
 }
 
 #[test]
+fn cluster_versions_and_replica_counts_are_checked() {
+    let Some(helm) = helm() else { return };
+    // Native sidecars need 1.29: the default is refused on 1.28, naming the value to change.
+    let e = render(&helm, &["--kube-version", "1.28.9"]).unwrap_err();
+    assert!(e.contains("proxy.nativeSidecars=false"), "{e}");
+    let ok = render(
+        &helm,
+        &[
+            "--kube-version",
+            "1.28.9",
+            "--set",
+            "proxy.nativeSidecars=false",
+        ],
+    )
+    .unwrap();
+    assert!(ok.contains("--classic-sidecars"), "{ok}");
+    // Below the chart's kubeVersion, helm itself refuses.
+    let e = render(&helm, &["--kube-version", "1.24.0"]).unwrap_err();
+    assert!(e.contains("kubeVersion"), "{e}");
+    // One replica gets no PodDisruptionBudget (minAvailable 1 would block node drains).
+    let one = render(&helm, &["--set", "injector.replicas=1"]).unwrap();
+    assert!(!one.contains("kind: PodDisruptionBudget"), "{one}");
+    let two = render(&helm, &[]).unwrap();
+    assert!(two.contains("kind: PodDisruptionBudget"));
+}
+
+#[test]
 fn generated_certificate_serves_the_injector_service() {
     let Some(helm) = helm() else { return };
     let text = render(&helm, &["--show-only", "templates/webhook.yaml"]).unwrap();

@@ -59,3 +59,10 @@ app.kubernetes.io/component: injector
 {{- define "meshlet.initImage" -}}
 {{- printf "%s:%s" .Values.initImage.repository (default .Chart.AppVersion .Values.initImage.tag) }}
 {{- end }}
+
+{{/* Refuses value combinations the cluster cannot run, naming the value to change. */}}
+{{- define "meshlet.validate" -}}
+{{- if and .Values.proxy.nativeSidecars (semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version) }}
+{{- fail (printf "proxy.nativeSidecars=true needs Kubernetes 1.29 or later (native sidecars); this cluster is %s: set proxy.nativeSidecars=false" .Capabilities.KubeVersion.Version) }}
+{{- end }}
+{{- end }}
