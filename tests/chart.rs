@@ -192,6 +192,7 @@ fn schema_and_templates_refuse_bad_values_naming_them() {
         ("proxy.rbac.scope=everyone", "/proxy/rbac/scope"),
         ("injector.replcas=3", "replcas"),
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("injector.shutdownDelay=soon", "/injector/shutdownDelay"),
         ("proxy.rbac.scope=namespaces", "proxy.rbac.namespaces"),
         ("webhook.certs.source=secret", "webhook.certs.secretName"),
     ] {

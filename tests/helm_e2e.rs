@@ -185,7 +185,14 @@ impl Ctx {
     /// Whether a pod created now in `ns` would be meshed: a server-side dry run goes through
     /// the admission webhooks without creating anything.
     async fn would_inject(&self, ns: &str) -> Result<bool, String> {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        would_inject(&self.client, ns).await
+    }
+}
+
+/// See [`Ctx::would_inject`].
+async fn would_inject(client: &kube::Client, ns: &str) -> Result<bool, String> {
+    {
+        let api: Api<Pod> = Api::namespaced(client.clone(), ns);
         let pod: Pod = serde_json::from_value(app_pod_spec("dry-run", "dry-run", None))
             .map_err(|e| e.to_string())?;
         let pp = PostParams {
@@ -698,9 +705,26 @@ async fn helm_upgrade_keeps_the_webhook_working(ctx: &Ctx) -> TestResult {
         .map_err(|e| e.to_string())?);
     // The upgrade changes a flag of the injector (it rolls) and narrows the sidecars' RBAC to
     // the meshed namespace.
+    // Pods created during the rollout must all be meshed: dry-run pods every 50 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let during = {
+        let (client, stop) = (ctx.client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut meshed, mut missed, mut errors) = (0usize, 0usize, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                match would_inject(&client, APPS_NS).await {
+                    Ok(true) => meshed += 1,
+                    Ok(false) => missed += 1,
+                    Err(e) => errors.push(e),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (meshed, missed, errors)
+        })
+    };
     let t = Instant::now();
     let apps = format!("proxy.rbac.namespaces={{{APPS_NS}}}");
-    helm_install(
+    let upgraded = helm_install(
         ctx,
         &[
             "--set",
@@ -711,8 +735,22 @@ async fn helm_upgrade_keeps_the_webhook_working(ctx: &Ctx) -> TestResult {
             &apps,
         ],
     )
-    .await?;
-    println!("    helm upgrade --wait: {:?}", t.elapsed());
+    .await;
+    // A moment more: the old injector pods are still terminating when helm returns.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (meshed, missed, errors) = during.await.map_err(|e| e.to_string())?;
+    upgraded?;
+    println!(
+        "    helm upgrade --wait: {:?}; pods created during it: {meshed} meshed, {missed} not, {} errors",
+        t.elapsed(),
+        errors.len()
+    );
+    if missed > 0 || !errors.is_empty() || meshed < 20 {
+        return Err(format!(
+            "pods created during the upgrade: {meshed} meshed, {missed} not meshed, errors {errors:?}"
+        ));
+    }
     for (ns, want) in [(APPS_NS, "yes"), ("default", "no")] {
         let got = tokio::task::block_in_place(|| {
             let mut cmd = ctx.kubectl();

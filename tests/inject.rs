@@ -258,3 +258,69 @@ async fn a_replaced_certificate_is_served_to_new_connections() {
     assert_eq!(status, 200);
     assert_eq!(peer, der);
 }
+
+/// The process: after SIGTERM it keeps serving for `--shutdown-delay`, then exits 0.
+#[tokio::test]
+async fn sigterm_keeps_serving_for_the_shutdown_delay() {
+    let mut s = start().await;
+    // The in-process server above only lends its CA and certificate files.
+    s.stop.cancel();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meshlet"))
+        .args(["inject", "--no-namespace-watch", "--shutdown-delay", "1s"])
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg("--tls-cert")
+        .arg(s.dir.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(s.dir.path().join("tls.key"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    s.addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while TcpStream::connect(s.addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "meshlet inject never listened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // SAFETY: kill(2) on the child this test started and has not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let signalled = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, _, _) = call(
+        &s,
+        "POST",
+        "/mutate",
+        review(json!({"meshlet.dev/inject": "enabled"})),
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "a review 300 ms after SIGTERM is still answered"
+    );
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            signalled.elapsed() < std::time::Duration::from_secs(5),
+            "still running 5 s after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took >= std::time::Duration::from_millis(950),
+        "exited {took:?} after SIGTERM, before the 1 s delay"
+    );
+}

@@ -82,6 +82,11 @@ pub struct InjectArgs {
     /// Log as JSON lines (one object per event) instead of text.
     #[arg(long)]
     pub log_json: bool,
+    /// After SIGTERM, keep accepting reviews this long before draining: the API server may
+    /// still pick this pod for a moment after it began terminating, and with `failurePolicy:
+    /// Ignore` a refused call is a pod created unmeshed. The chart sets 5s.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
 }
 
 /// Looks a namespace up by name (for namespace-level opt-in).
@@ -434,9 +439,16 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    // In-flight reviews finish (bounded by IO_TIMEOUT) before serve returns and the process
+    // exits: a review cut short is a pod created unmeshed.
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                connections.close();
+                let _ = tokio::time::timeout(IO_TIMEOUT, connections.wait()).await;
+                return;
+            }
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -450,7 +462,7 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let webhook = webhook.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let tls = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -595,6 +607,7 @@ pub fn main(args: InjectArgs) -> ExitCode {
         let webhook = Arc::new(Webhook::new(config, namespaces));
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
+        let delay = args.shutdown_delay;
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
             if let (Ok(mut term), Ok(mut int)) = (
@@ -605,6 +618,14 @@ pub fn main(args: InjectArgs) -> ExitCode {
                     _ = term.recv() => {}
                     _ = int.recv() => {}
                 }
+                if !delay.is_zero() {
+                    tracing::info!(
+                        delay = ?delay,
+                        "shutting down: still serving until endpoints have moved on"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                tracing::info!("shutting down: no new connections");
                 stop.cancel();
             }
         });
