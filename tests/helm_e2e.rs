@@ -1197,7 +1197,12 @@ fn main() {
     match Arc::try_unwrap(ctx) {
         Ok(ctx) => {
             if let Some(c) = ctx.cluster {
+                let dir = c.dir.clone();
                 c.stop();
+                // Kept for a failed run, removed after a passing one (as in k8s_e2e).
+                if !conclusion.has_failed() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
             }
         }
         Err(_) => eprintln!("helm_e2e: the context is still shared; the cluster is left running"),

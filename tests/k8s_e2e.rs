@@ -1706,7 +1706,15 @@ fn main() {
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     match Arc::try_unwrap(ctx) {
-        Ok(ctx) => ctx.cluster.stop(),
+        Ok(ctx) => {
+            let dir = ctx.cluster.dir.clone();
+            ctx.cluster.stop();
+            // Logs, etcd data and certificates stay for a failed run (the path is printed at
+            // start) and go after a passing one: repeated runs would otherwise fill /tmp.
+            if !conclusion.has_failed() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
         Err(_) => {
             eprintln!("k8s_e2e: the control plane is still shared; stopping it anyway is skipped")
         }
