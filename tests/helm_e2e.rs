@@ -140,34 +140,12 @@ impl Ctx {
         }
     }
 
-    /// GET through the API server's pod proxy (`pods/<name>:<port>/proxy/<path>`).
     async fn pod_get(&self, ns: &str, pod: &str, port: u16, path: &str) -> Result<String, String> {
-        let uri = format!("/api/v1/namespaces/{ns}/pods/{pod}:{port}/proxy{path}");
-        let req = http::Request::get(&uri)
-            .body(Vec::new())
-            .map_err(|e| e.to_string())?;
-        self.client
-            .request_text(req)
-            .await
-            .map_err(|e| format!("GET {uri}: {e}"))
+        self.apps().pod_get(ns, pod, port, path).await
     }
 
-    /// Running, Ready pods of an app (by the `app` label), sorted by name.
     async fn ready_pods(&self, ns: &str, app: &str) -> Vec<Pod> {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        let Ok(list) = api
-            .list(&ListParams::default().labels(&format!("app={app}")))
-            .await
-        else {
-            return Vec::new();
-        };
-        let mut pods: Vec<Pod> = list
-            .items
-            .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
-            .collect();
-        pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        pods
+        self.apps().ready_pods(ns, app).await
     }
 
     async fn wait_ready_pods(&self, ns: &str, app: &str, n: usize) -> Result<Vec<Pod>, String> {
@@ -185,14 +163,14 @@ impl Ctx {
     /// Whether a pod created now in `ns` would be meshed: a server-side dry run goes through
     /// the admission webhooks without creating anything.
     async fn would_inject(&self, ns: &str) -> Result<bool, String> {
-        would_inject(&self.client, ns).await
+        self.apps().would_inject(ns).await
     }
 }
 
-/// See [`Ctx::would_inject`].
-async fn would_inject(client: &kube::Client, ns: &str) -> Result<bool, String> {
-    {
-        let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+impl Apps {
+    /// See [`Ctx::would_inject`].
+    async fn would_inject(&self, ns: &str) -> Result<bool, String> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let pod: Pod = serde_json::from_value(app_pod_spec("dry-run", "dry-run", None))
             .map_err(|e| e.to_string())?;
         let pp = PostParams {
@@ -599,7 +577,7 @@ async fn helm_install_meshes_two_services(ctx: &Ctx) -> TestResult {
     for (from, to) in [("alpha", "beta"), ("beta", "alpha")] {
         let mut last = None;
         for _ in 0..10 {
-            let b = ctx.clone_handle().burst(from, 300, 4).await?;
+            let b = ctx.apps().burst(from, 300, 4).await?;
             let spread_ok = b.ok.len() == REPLICAS && b.ok.values().all(|n| *n >= 30);
             if b.failed > 0 {
                 return Err(format!("{from} -> {to}: {b:?}"));
@@ -650,7 +628,7 @@ async fn killed_replica_fails_no_idempotent_request(ctx: &Ctx) -> TestResult {
         .last()
         .and_then(|p| p.metadata.name.clone())
         .ok_or("no beta pod")?;
-    let c = ctx.clone_handle();
+    let c = ctx.apps();
     let load = tokio::spawn(async move { c.burst("alpha", 4000, 4).await });
     tokio::time::sleep(Duration::from_millis(400)).await;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), APPS_NS);
@@ -708,11 +686,11 @@ async fn helm_upgrade_keeps_the_webhook_working(ctx: &Ctx) -> TestResult {
     // Pods created during the rollout must all be meshed: dry-run pods every 50 ms.
     let stop = Arc::new(AtomicBool::new(false));
     let during = {
-        let (client, stop) = (ctx.client.clone(), stop.clone());
+        let (apps, stop) = (ctx.apps(), stop.clone());
         tokio::spawn(async move {
             let (mut meshed, mut missed, mut errors) = (0usize, 0usize, Vec::new());
             while !stop.load(Ordering::SeqCst) {
-                match would_inject(&client, APPS_NS).await {
+                match apps.would_inject(APPS_NS).await {
                     Ok(true) => meshed += 1,
                     Ok(false) => missed += 1,
                     Err(e) => errors.push(e),
@@ -805,7 +783,7 @@ async fn helm_upgrade_keeps_the_webhook_working(ctx: &Ctx) -> TestResult {
     for p in &pods {
         check_meshed(p, &ctx.tag)?;
     }
-    let b = ctx.clone_handle().burst("beta", 400, 4).await?;
+    let b = ctx.apps().burst("beta", 400, 4).await?;
     if b.failed > 0 || b.ok.len() != REPLICAS + 1 {
         return Err(format!("beta -> alpha after the scale-up: {b:?}"));
     }
@@ -822,7 +800,7 @@ async fn helm_uninstall_leaves_nothing_behind(ctx: &Ctx) -> TestResult {
     need_install(ctx)?;
     // Every alpha sidecar calls beta once first: after uninstall a sidecar keeps what it knows
     // but can no longer discover a service it never called (its RBAC is gone with the chart).
-    let h = ctx.clone_handle();
+    let h = ctx.apps();
     let alphas = h.ready("alpha").await?;
     for pod in &alphas {
         let b = h.burst_from(pod, 40, 2).await?;
@@ -968,7 +946,7 @@ async fn manifests_mesh_pods(ctx: &Ctx, t: Instant) -> TestResult {
     }
     let mut last = None;
     for _ in 0..10 {
-        let b = ctx.clone_handle().burst("alpha", 400, 4).await?;
+        let b = ctx.apps().burst("alpha", 400, 4).await?;
         if b.failed > 0 {
             return Err(format!("alpha -> beta: {b:?}"));
         }
@@ -987,19 +965,49 @@ async fn manifests_mesh_pods(ctx: &Ctx, t: Instant) -> TestResult {
 }
 
 impl Ctx {
-    /// `/burst` from a pod of an app (its CALL is the other service), from a task of its own.
-    fn clone_handle(&self) -> BurstHandle {
-        BurstHandle {
+    /// The apps' pods through the API, on a handle a spawned task can own.
+    fn apps(&self) -> Apps {
+        Apps {
             client: self.client.clone(),
         }
     }
 }
 
-struct BurstHandle {
+struct Apps {
     client: kube::Client,
 }
 
-impl BurstHandle {
+impl Apps {
+    /// GET through the API server's pod proxy (`pods/<name>:<port>/proxy/<path>`).
+    async fn pod_get(&self, ns: &str, pod: &str, port: u16, path: &str) -> Result<String, String> {
+        let uri = format!("/api/v1/namespaces/{ns}/pods/{pod}:{port}/proxy{path}");
+        let req = http::Request::get(&uri)
+            .body(Vec::new())
+            .map_err(|e| e.to_string())?;
+        self.client
+            .request_text(req)
+            .await
+            .map_err(|e| format!("GET {uri}: {e}"))
+    }
+
+    /// Running, Ready pods of an app (by the `app` label), sorted by name.
+    async fn ready_pods(&self, ns: &str, app: &str) -> Vec<Pod> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let Ok(list) = api
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await
+        else {
+            return Vec::new();
+        };
+        let mut pods: Vec<Pod> = list
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
+            .collect();
+        pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        pods
+    }
+
     /// Answers per backend pod, and failures, from the first Ready pod of `from`.
     async fn burst(&self, from: &str, n: usize, c: usize) -> Result<Burst, String> {
         let pods = self.ready(from).await?;
@@ -1009,31 +1017,19 @@ impl BurstHandle {
 
     /// Names of the Ready pods of an app, sorted.
     async fn ready(&self, app: &str) -> Result<Vec<String>, String> {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), APPS_NS);
-        let list = api
-            .list(&ListParams::default().labels(&format!("app={app}")))
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut names: Vec<String> = list
-            .items
-            .iter()
-            .filter(|p| is_ready(p) && p.metadata.deletion_timestamp.is_none())
-            .filter_map(|p| p.metadata.name.clone())
-            .collect();
-        names.sort();
-        Ok(names)
+        let pods = self.ready_pods(APPS_NS, app).await;
+        Ok(pods.into_iter().filter_map(|p| p.metadata.name).collect())
     }
 
     /// `/burst` from this pod, bounded: a stuck burst is an error naming the pod, not a hang.
     async fn burst_from(&self, pod: &str, n: usize, c: usize) -> Result<Burst, String> {
-        let uri = format!("/api/v1/namespaces/{APPS_NS}/pods/{pod}:8080/proxy/burst?n={n}&c={c}");
-        let req = http::Request::get(&uri)
-            .body(Vec::new())
-            .map_err(|e| e.to_string())?;
-        let text = tokio::time::timeout(Duration::from_secs(90), self.client.request_text(req))
-            .await
-            .map_err(|_| format!("GET {uri}: no answer in 90 s"))?
-            .map_err(|e| format!("GET {uri}: {e}"))?;
+        let path = format!("/burst?n={n}&c={c}");
+        let text = tokio::time::timeout(
+            Duration::from_secs(90),
+            self.pod_get(APPS_NS, pod, 8080, &path),
+        )
+        .await
+        .map_err(|_| format!("{pod} {path}: no answer in 90 s"))??;
         Burst::parse(&text)
     }
 }
@@ -1046,21 +1042,7 @@ fn tools(local: bool) -> Result<(PathBuf, PathBuf), String> {
         return Ok((bin.join("helm"), bin.join("kubectl")));
     }
     if local {
-        let out = Command::new("bash")
-            .arg(repo().join("tests/e2e/build-k8s.sh"))
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err("tests/e2e/build-k8s.sh failed".into());
-        }
-        let bin = PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()
-                .unwrap_or("")
-                .trim(),
-        );
+        let bin = harness::k8s_bin()?;
         return Ok((bin.join("helm"), bin.join("kubectl")));
     }
     Ok((PathBuf::from("helm"), PathBuf::from("kubectl")))
@@ -1081,18 +1063,9 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if local {
-        let skip = if unsafe { libc::geteuid() } != 0 {
-            Some("needs root (network namespaces, iptables)")
-        } else if Command::new("go").arg("version").output().is_err() {
-            Some("needs Go to build the Kubernetes binaries")
-        } else {
-            None
-        };
-        if let Some(why) = skip {
-            println!("helm_e2e: skipped: {why}");
-            libtest_mimic::run(&args, Vec::new()).exit();
-        }
+    if local && let Some(why) = harness::skip_reason() {
+        println!("helm_e2e: skipped: {why}");
+        libtest_mimic::run(&args, Vec::new()).exit();
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1104,14 +1077,7 @@ fn main() {
         std::process::exit(1)
     });
     let ctx = if local {
-        let app = harness::binaries()["e2e-app"].clone();
-        if !app.exists() {
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "--example", "e2e-app"])
-                .status()
-                .expect("cargo");
-            assert!(status.success(), "cargo build --example e2e-app failed");
-        }
+        harness::ensure_e2e_app();
         let cluster = match rt.block_on(harness::Cluster::start(harness::binaries())) {
             Ok(c) => c,
             Err(e) => {

@@ -1633,18 +1633,7 @@ fn main() {
         // The tests share one control plane and two cores: one at a time keeps timings honest.
         args.test_threads = Some(1);
     }
-    let skip = if unsafe { libc::geteuid() } != 0 {
-        Some("needs root (network namespaces, iptables)")
-    } else if std::process::Command::new("go")
-        .arg("version")
-        .output()
-        .is_err()
-    {
-        Some("needs Go to build the Kubernetes binaries")
-    } else {
-        None
-    };
-    if let Some(why) = skip {
+    if let Some(why) = harness::skip_reason() {
         println!("k8s_e2e: skipped: {why}");
         libtest_mimic::run(&args, Vec::new()).exit();
     }
@@ -1653,15 +1642,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    // The e2e app is built by `cargo test --all-targets`; build it when running this file alone.
-    let app = harness::binaries()["e2e-app"].clone();
-    if !app.exists() {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--example", "e2e-app"])
-            .status()
-            .expect("cargo");
-        assert!(status.success(), "cargo build --example e2e-app failed");
-    }
+    harness::ensure_e2e_app();
     let cluster = match rt.block_on(Cluster::start(harness::binaries())) {
         Ok(c) => c,
         Err(e) => {

@@ -101,13 +101,7 @@ impl Cluster {
     /// the bridge, the API forwarder and the kubelet.
     pub async fn start(images: HashMap<String, PathBuf>) -> Result<Cluster, String> {
         let e2e = repo().join("tests/e2e");
-        let status = Command::new("bash")
-            .arg(e2e.join("build-k8s.sh"))
-            .status()
-            .map_err(|e| e.to_string())?;
-        if !status.success() {
-            return Err("tests/e2e/build-k8s.sh failed".into());
-        }
+        k8s_bin()?;
         let dir = std::env::temp_dir().join(format!("meshlet-e2e-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let dir_s = dir.display().to_string();
@@ -1463,6 +1457,49 @@ where
             return Err(format!("timed out after {timeout:?} waiting for {what}"));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The directory of the Kubernetes binaries and helm: `tests/e2e/build-k8s.sh` builds them when
+/// the cache lacks them (its progress goes to stderr) and prints the directory last.
+pub fn k8s_bin() -> Result<PathBuf, String> {
+    let out = Command::new("bash")
+        .arg(repo().join("tests/e2e/build-k8s.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("tests/e2e/build-k8s.sh: {e}"))?;
+    if !out.status.success() {
+        return Err("tests/e2e/build-k8s.sh failed".into());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let bin = stdout.lines().last().unwrap_or("").trim();
+    if bin.is_empty() {
+        return Err("tests/e2e/build-k8s.sh printed no directory".into());
+    }
+    Ok(PathBuf::from(bin))
+}
+
+/// Why the suites on the local control plane cannot run here, if they cannot: they need root
+/// (network namespaces, iptables) and Go (to build the Kubernetes binaries).
+pub fn skip_reason() -> Option<&'static str> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        Some("needs root (network namespaces, iptables)")
+    } else if Command::new("go").arg("version").output().is_err() {
+        Some("needs Go to build the Kubernetes binaries")
+    } else {
+        None
+    }
+}
+
+/// The e2e app is built by `cargo test --all-targets`; this builds it when a suite runs alone.
+pub fn ensure_e2e_app() {
+    if !binaries()["e2e-app"].exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--example", "e2e-app"])
+            .status()
+            .expect("cargo");
+        assert!(status.success(), "cargo build --example e2e-app failed");
     }
 }
 
