@@ -708,7 +708,7 @@ async fn unary_calls_on_one_channel_spread_over_backends() {
         GrpcBackend::start("c", Duration::from_millis(3)).await,
     ];
     let eps: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let m = Meshlet::start(&upstream_config("grpc.default", &eps)).await;
+    let m = Meshlet::start(&short_decay(upstream_config("grpc.default", &eps))).await;
     // One channel (one h2c connection to meshlet), cloned into 10 callers of 30 calls each.
     let c = client(m.upstream(0)).await;
     let mut tasks = Vec::new();

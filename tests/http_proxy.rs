@@ -15,7 +15,7 @@ async fn http1_keepalive_requests_are_balanced_per_request() {
         Backend::start("c", Duration::ZERO).await,
     ];
     let eps: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let m = Meshlet::start(&upstream_config("web.default", &eps)).await;
+    let m = Meshlet::start(&short_decay(upstream_config("web.default", &eps))).await;
 
     // Four keep-alive client connections at once, 75 requests each. Each connection's own
     // requests spread over the backends (per-connection balancing would pin each connection to
@@ -107,7 +107,7 @@ async fn http2_streams_on_one_connection_spread_over_backends() {
         Backend::start("c", Duration::from_millis(5)).await,
     ];
     let eps: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let m = Meshlet::start(&upstream_config("web.default", &eps)).await;
+    let m = Meshlet::start(&short_decay(upstream_config("web.default", &eps))).await;
     let c = H2Client::connect(m.upstream(0)).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..200 {
