@@ -597,7 +597,9 @@ async fn all_endpoints_down_fail_fast_and_recover() {
         "all endpoints down: 500 requests, p50 {p50:?}, p99 {p99:?}, max {max:?}; \
          {unavailable} \"no available endpoints\", {probed} took a probe"
     );
-    assert!(p99 < Duration::from_millis(5), "p99 {p99:?}");
+    // "Fast" means no connect attempt and no waiting: well under the endpoints' backoff. The bound
+    // leaves room for scheduler hiccups on a loaded 2-core CI machine (typical p99 is < 1ms).
+    assert!(p99 < Duration::from_millis(20), "p99 {p99:?}");
     assert!(unavailable >= 475, "{unavailable} of 500");
 
     // The backends come back on the same ports: the next probes restore them.
@@ -1080,7 +1082,8 @@ async fn timeouts_answer_504_and_grpc_deadline_exceeded() {
         Some("request to slow.default timed out after 200ms")
     );
     assert!(
-        took >= Duration::from_millis(200) && took < Duration::from_millis(400),
+        // Upper bound: well below the backend's 2s, with room for a loaded machine.
+        took >= Duration::from_millis(200) && took < Duration::from_millis(1000),
         "{took:?}"
     );
     assert_eq!(sleepy.hits(), 1, "a timeout is not retried");
@@ -1101,7 +1104,7 @@ async fn timeouts_answer_504_and_grpc_deadline_exceeded() {
     assert!(a.header("meshlet-error").unwrap().contains("timed out"));
     assert!(a.body.is_empty());
     assert!(
-        took >= Duration::from_millis(100) && took < Duration::from_millis(400),
+        took >= Duration::from_millis(100) && took < Duration::from_millis(1000),
         "{took:?}"
     );
     assert_eq!(hang.hits(), 1);
