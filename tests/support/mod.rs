@@ -166,13 +166,14 @@ pub fn upstream_config(service: &str, endpoints: &[SocketAddr]) -> String {
     )
 }
 
-/// `config` with a short peak-EWMA decay (100ms instead of 10s), for tests that assert an even
-/// spread over equally fast backends. On a loaded CI machine one scheduler hiccup is a latency
-/// peak; with the default decay that backend is rightly avoided for seconds, i.e. for the whole of
-/// a sub-second test (seen in CI: 163/130/7). Remembering peaks is tested on its own
-/// (`peak_ewma_avoids_a_slow_backend`); these tests are about per-request spread.
+/// `config` with a short peak-EWMA decay (20ms instead of 10s), for tests that assert a spread
+/// over equally fast backends. On a loaded CI machine one scheduler hiccup is a latency peak of
+/// 10-100x a loopback round trip; with the default decay that endpoint is rightly avoided for
+/// seconds, i.e. for the whole of a sub-second test (seen in CI: requests 163/130/7).
+/// Remembering peaks is tested on its own (`peak_ewma_avoids_a_slow_backend`); these tests are
+/// about per-request spread and load.
 pub fn short_decay(mut config: String) -> String {
-    config.push_str("balance:\n  decay: 100ms\n");
+    config.push_str("balance:\n  decay: 20ms\n");
     config
 }
 
