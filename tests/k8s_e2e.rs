@@ -100,8 +100,11 @@ impl Ctx {
 
     /// meshlet in this process with Kubernetes discovery and an upstream listener per service.
     async fn meshlet(&self, upstreams: &[String]) -> Meshlet {
+        // A 20ms peak-EWMA decay (not the default 10s): these tests check that every pod gets a
+        // share, and one slow answer on a loaded machine would otherwise keep its pod out of a
+        // whole sub-second run (see `short_decay` in tests/support).
         let mut yaml = format!(
-            "admin:\n  listen: 127.0.0.1:0\ndiscovery:\n  kubernetes:\n    kubeconfig: {}\nshutdown_grace: 2s\nupstreams:\n",
+            "admin:\n  listen: 127.0.0.1:0\ndiscovery:\n  kubernetes:\n    kubeconfig: {}\nshutdown_grace: 2s\nbalance:\n  decay: 20ms\nupstreams:\n",
             self.cluster.kubeconfig.display()
         );
         for u in upstreams {
@@ -1285,7 +1288,8 @@ async fn transparent_mode_in_a_pod(ctx: &Ctx) -> TestResult {
     std::fs::write(
         &config,
         format!(
-            "admin:\n  listen: 0.0.0.0:7190\noutbound:\n  listen: 127.0.0.1:7140\ndiscovery:\n  kubernetes:\n    kubeconfig: {}\n",
+            // The short decay as in `Ctx::meshlet`: 60 sequential calls must reach all 3 pods.
+            "admin:\n  listen: 0.0.0.0:7190\noutbound:\n  listen: 127.0.0.1:7140\ndiscovery:\n  kubernetes:\n    kubeconfig: {}\nbalance:\n  decay: 20ms\n",
             kubeconfig.display()
         ),
     )
