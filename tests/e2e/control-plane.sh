@@ -9,7 +9,7 @@
 # Binaries: $MESHLET_K8S_BIN, or the cache directory that build-k8s.sh fills
 # (${MESHLET_K8S_CACHE:-$HOME/.cache/meshlet-k8s}/<k8s-version>/bin). Run build-k8s.sh first.
 #
-# Ports: random free high ports on 127.0.0.1 unless set:
+# Ports: random free ports on 127.0.0.1, below the ephemeral range, unless set:
 #   MESHLET_ETCD_PORT, MESHLET_ETCD_PEER_PORT, MESHLET_APISERVER_PORT, MESHLET_KCM_PORT
 # MESHLET_CP_TIMEOUT: seconds to wait for each component to become healthy (default 120).
 #
@@ -45,12 +45,22 @@ port_in_use() { # PORT: true when something listens on 127.0.0.1:PORT
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 declare -A TAKEN=()
-free_port() { # a random free high port, distinct from the ones already picked
+# Picked below the kernel's ephemeral range when it leaves room: a port in that range can be
+# given to some outgoing connection between the check here and the server's bind (a CI run
+# failed so: etcd "bind: address already in use" on a port found free a second earlier).
+EPHEMERAL_LO=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 0)
+if [[ $EPHEMERAL_LO =~ ^[0-9]+$ ]] && ((EPHEMERAL_LO >= 15000)); then
+    PORT_BASE=10000 PORT_SPAN=$((EPHEMERAL_LO - 10000))
+else
+    PORT_BASE=20000 PORT_SPAN=40000
+fi
+free_port() { # a random free port, distinct from the ones already picked
     local p i
     for i in $(seq 1 200); do
-        p=$((20000 + RANDOM % 40000))
+        p=$((PORT_BASE + (RANDOM * 32768 + RANDOM) % PORT_SPAN))
         [[ -z ${TAKEN[$p]:-} ]] || continue
-        if ! port_in_use "$p" && ! ss -Hltn "sport = :$p" 2>/dev/null | grep -q .; then
+        # Neither a listener nor any other socket (connected, TIME-WAIT) on it.
+        if ! port_in_use "$p" && ! ss -Htan "sport = :$p" 2>/dev/null | grep -q .; then
             TAKEN[$p]=1
             echo "$p"
             return
