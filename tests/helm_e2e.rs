@@ -148,6 +148,27 @@ impl Ctx {
         self.apps().ready_pods(ns, app).await
     }
 
+    /// Scales `app` to `REPLICAS + 1`, checks that every one of its pods is meshed, then bursts
+    /// from the first Ready pod of `caller` until all of them have answered.
+    async fn scale_up_and_reach(&self, app: &str, caller: &str) -> Result<Burst, String> {
+        Api::<Deployment>::namespaced(self.client.clone(), APPS_NS)
+            .patch(
+                app,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": REPLICAS + 1}})),
+            )
+            .await
+            .map_err(|e| format!("scale {app}: {e}"))?;
+        for p in &self.wait_ready_pods(APPS_NS, app, REPLICAS + 1).await? {
+            check_meshed(p, &self.tag)?;
+        }
+        let h = self.apps();
+        let from = h.ready(caller).await?;
+        let from = from.first().ok_or(format!("no Ready {caller} pod"))?;
+        h.reach_all(from, (400, 4), REPLICAS + 1, Duration::from_secs(30))
+            .await
+    }
+
     async fn wait_ready_pods(&self, ns: &str, app: &str, n: usize) -> Result<Vec<Pod>, String> {
         wait_for(
             &format!("{n} Ready pods of {app}"),
@@ -770,24 +791,8 @@ async fn helm_upgrade_keeps_the_webhook_working(ctx: &Ctx) -> TestResult {
         return Err(format!("the upgrade did not reach the injector: {env}"));
     }
     // A scale-up after the upgrade is meshed by the new injector pods.
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), APPS_NS);
-    deployments
-        .patch(
-            "alpha",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": REPLICAS + 1}})),
-        )
-        .await
-        .map_err(|e| format!("scale alpha: {e}"))?;
-    let pods = ctx.wait_ready_pods(APPS_NS, "alpha", REPLICAS + 1).await?;
-    for p in &pods {
-        check_meshed(p, &ctx.tag)?;
-    }
-    let h = ctx.apps();
-    let beta = h.ready("beta").await?;
-    let beta = beta.first().ok_or("no Ready beta pod")?;
-    let b = h
-        .reach_all(beta, (400, 4), REPLICAS + 1, Duration::from_secs(30))
+    let b = ctx
+        .scale_up_and_reach("alpha", "beta")
         .await
         .map_err(|e| format!("beta -> alpha after the scale-up: {e}"))?;
     println!(
@@ -935,23 +940,8 @@ async fn manifests_mesh_pods(ctx: &Ctx, t: Instant) -> TestResult {
         t.elapsed()
     );
     // A new replica of beta is meshed by it, and balanced to.
-    Api::<Deployment>::namespaced(ctx.client.clone(), APPS_NS)
-        .patch(
-            "beta",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": REPLICAS + 1}})),
-        )
-        .await
-        .map_err(|e| format!("scale beta: {e}"))?;
-    let pods = ctx.wait_ready_pods(APPS_NS, "beta", REPLICAS + 1).await?;
-    for p in &pods {
-        check_meshed(p, &ctx.tag)?;
-    }
-    let h = ctx.apps();
-    let alpha = h.ready("alpha").await?;
-    let alpha = alpha.first().ok_or("no Ready alpha pod")?;
-    let b = h
-        .reach_all(alpha, (400, 4), REPLICAS + 1, Duration::from_secs(30))
+    let b = ctx
+        .scale_up_and_reach("beta", "alpha")
         .await
         .map_err(|e| format!("the new beta replica gets no traffic: {e}"))?;
     println!("    alpha -> beta with the manifests' injector: {:?}", b.ok);
@@ -1159,16 +1149,9 @@ fn main() {
         ($name:ident) => {{
             let ctx = ctx.clone();
             Trial::test(stringify!($name), move || {
-                let started = Instant::now();
-                let r = ctx.rt.block_on(async {
-                    tokio::time::timeout(Duration::from_secs(300), $name(&ctx)).await
-                });
-                println!("    {} took {:?}", stringify!($name), started.elapsed());
-                match r {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(Failed::from(e)),
-                    Err(_) => Err(Failed::from("timed out after 300 s")),
-                }
+                let limit = Duration::from_secs(300);
+                harness::run_trial(&ctx.rt, stringify!($name), limit, $name(&ctx))
+                    .map_err(Failed::from)
             })
         }};
     }

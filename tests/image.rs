@@ -5,20 +5,15 @@
 //! skips with a message otherwise. The script installs hadolint, the rustup musl target and
 //! musl-tools when they are missing, and builds in its own target dir (`target/image`).
 
+mod support;
+
 use std::io::{Read, Seek};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
+use support::find_tool;
 
 /// A cold build of both binaries takes about 4 minutes on 2 cores; this bounds a stuck one.
 const LIMIT: &str = "1800";
-
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
 
 fn can_run(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

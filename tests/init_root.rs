@@ -8,14 +8,17 @@
 //! standing for the node and the rest of the network. Both are removed at the end of the test,
 //! also on failure.
 
+mod support;
+
 use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use support::find_tool;
 
 const BIN: &str = env!("CARGO_BIN_EXE_meshlet");
 const POD: &str = "198.18.0.1";
@@ -26,14 +29,6 @@ const NOWHERE: &str = "198.18.0.99:80";
 const STEP: Duration = Duration::from_secs(5);
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
 
 fn can_run(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

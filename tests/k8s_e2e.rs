@@ -1662,16 +1662,9 @@ fn main() {
         ($name:ident) => {{
             let ctx = ctx.clone();
             Trial::test(stringify!($name), move || {
-                let started = Instant::now();
-                let r = ctx.rt.block_on(async {
-                    tokio::time::timeout(Duration::from_secs(240), $name(&ctx)).await
-                });
-                println!("    {} took {:?}", stringify!($name), started.elapsed());
-                match r {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(Failed::from(e)),
-                    Err(_) => Err(Failed::from("timed out after 240 s")),
-                }
+                let limit = Duration::from_secs(240);
+                harness::run_trial(&ctx.rt, stringify!($name), limit, $name(&ctx))
+                    .map_err(Failed::from)
             })
         }};
     }

@@ -955,17 +955,8 @@ impl Kubelet {
         let Some(s) = self.fetch::<Secret>(ns, name, optional, what).await? else {
             return Ok(BTreeMap::new());
         };
-        let mut data: BTreeMap<String, Vec<u8>> = s
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0))
-            .collect();
         // The API server folds stringData into data; kept in case an object carries it.
-        for (k, v) in s.string_data.unwrap_or_default() {
-            data.insert(k, v.into_bytes());
-        }
-        Ok(data)
+        Ok(file_data(s.data, s.string_data))
     }
 
     async fn config_map_data(
@@ -978,16 +969,7 @@ impl Kubelet {
         let Some(cm) = self.fetch::<ConfigMap>(ns, name, optional, what).await? else {
             return Ok(BTreeMap::new());
         };
-        let mut data: BTreeMap<String, Vec<u8>> = cm
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.into_bytes()))
-            .collect();
-        for (k, v) in cm.binary_data.unwrap_or_default() {
-            data.insert(k, v.0);
-        }
-        Ok(data)
+        Ok(file_data(cm.binary_data, cm.data))
     }
 
     /// Gets a namespaced object; a missing one is `None` when optional, else waited for up to
@@ -1458,6 +1440,41 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A volume's files from an object's binary and text maps: a Secret's data and stringData (the
+/// text wins on a clash, as in the API), or a ConfigMap's binaryData and data (keys never clash).
+fn file_data(
+    bytes: Option<BTreeMap<String, k8s_openapi::ByteString>>,
+    text: Option<BTreeMap<String, String>>,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut data: BTreeMap<String, Vec<u8>> = bytes
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    for (k, v) in text.unwrap_or_default() {
+        data.insert(k, v.into_bytes());
+    }
+    data
+}
+
+/// Runs one e2e test's body on `rt`, bounded by `limit`, and prints how long it took (the
+/// libtest-mimic trials of both e2e suites).
+pub fn run_trial<F>(
+    rt: &tokio::runtime::Handle,
+    name: &str,
+    limit: Duration,
+    body: F,
+) -> Result<(), String>
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let started = Instant::now();
+    // The timeout is made inside the runtime: its timer needs the runtime's context.
+    let r = rt.block_on(async { tokio::time::timeout(limit, body).await });
+    println!("    {name} took {:?}", started.elapsed());
+    r.unwrap_or_else(|_| Err(format!("timed out after {} s", limit.as_secs())))
 }
 
 /// The directory of the Kubernetes binaries and helm: `tests/e2e/build-k8s.sh` builds them when

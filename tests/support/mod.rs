@@ -19,6 +19,15 @@ use meshlet::config::Config;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+/// A tool on PATH or in the sbin/bin directories (root's tools are often outside a user's PATH).
+pub fn find_tool(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(std::path::PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
 /// An HTTP backend (HTTP/1.1 and h2c) that answers with its name in the `x-backend` header and
 /// body, after an optional delay, and counts the requests it served.
 pub struct Backend {

@@ -69,13 +69,7 @@ impl Family {
 
 // ===== environment checks =====
 
-pub fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
+pub use crate::support::find_tool;
 
 /// Whether the test can run here; prints why not when it cannot.
 pub fn can_run(test: &str, family: Family) -> bool {
