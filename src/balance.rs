@@ -71,9 +71,16 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    /// Ends the request without a latency sample (it never reached the endpoint).
+    /// Ends the request without a latency sample (it never reached the endpoint, or its end
+    /// was the client's doing). Dropping the guard does the same: a request abandoned by its
+    /// client says nothing about the endpoint.
     pub fn forget(mut self) {
         self.record = false;
+    }
+
+    /// Ends the request with its latency as a sample for the endpoint's peak-EWMA.
+    pub fn complete(mut self) {
+        self.record = true;
     }
 
     /// Leaves `d` (time spent opening a connection) out of the latency sample.
@@ -208,7 +215,7 @@ impl Endpoint {
         InFlight {
             ep: self.clone(),
             start: Instant::now(),
-            record: true,
+            record: false,
         }
     }
 
@@ -217,9 +224,7 @@ impl Endpoint {
     /// nothing about the endpoint's latency (a long-lived connection would otherwise make its
     /// endpoint look slow, and p2c shun it, long after the connection closed).
     pub fn hold(self: &Arc<Self>) -> InFlight {
-        let mut g = self.start();
-        g.record = false;
-        g
+        self.start()
     }
 
     fn now_ns(&self) -> u64 {

@@ -66,6 +66,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub discovery: DiscoveryConfig,
     pub detect: DetectConfig,
+    /// Limits and timeouts of the HTTP servers that face clients.
+    pub http: HttpConfig,
     pub balance: BalanceConfig,
     /// The policy every destination starts from (timeouts, retries, breaker, dedup); a static
     /// service's `policy:` or a Kubernetes Service's `meshlet.dev/*` annotations override it.
@@ -89,6 +91,7 @@ impl Default for Config {
             upstreams: Vec::new(),
             discovery: DiscoveryConfig::default(),
             detect: DetectConfig::default(),
+            http: HttpConfig::default(),
             balance: BalanceConfig::default(),
             defaults: crate::policy::PolicySpec::default(),
             shutdown_grace: Dur(Duration::from_secs(30)),
@@ -321,6 +324,36 @@ impl Default for DetectConfig {
         DetectConfig {
             timeout: Dur(Duration::from_millis(300)),
             server_first_ports: DEFAULT_SERVER_FIRST_PORTS.to_vec(),
+        }
+    }
+}
+
+/// `http:`: what a client connection may cost before meshlet gives up on it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// The largest request head: HTTP/1 request line and header fields (bytes as sent), or an
+    /// HTTP/2 header list (as SETTINGS_MAX_HEADER_LIST_SIZE counts it: each field's name and
+    /// value plus 32). Larger heads are answered 431.
+    pub max_header_bytes: u32,
+    /// A request head must arrive within this, from its first byte (else 408 and close).
+    pub header_timeout: Dur,
+    /// A client connection with no request in flight is closed after this long (HTTP/1.1:
+    /// between keep-alive requests; HTTP/2: with no open stream, after a GOAWAY).
+    pub idle_timeout: Dur,
+    /// A request with no byte moving in either direction for this long is ended (504 before
+    /// the response head; the stream is cut after it). Also ends opaque TCP and upgraded
+    /// connections idle for this long, and silent connections that never spoke.
+    pub stream_idle_timeout: Dur,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_header_bytes: 64 * 1024,
+            header_timeout: Dur(Duration::from_secs(10)),
+            idle_timeout: Dur(Duration::from_secs(300)),
+            stream_idle_timeout: Dur(Duration::from_secs(300)),
         }
     }
 }
@@ -601,6 +634,31 @@ impl Config {
                 "detect.timeout".into(),
                 "\"0s\" is not allowed: the detection timeout must be positive".into(),
             ));
+        }
+        let h = &self.http;
+        if !(1024..=16 * 1024 * 1024).contains(&h.max_header_bytes) {
+            return Err((
+                "http.max_header_bytes".into(),
+                format!(
+                    "{} is out of range: between 1024 and 16777216 bytes",
+                    h.max_header_bytes
+                ),
+            ));
+        }
+        for (key, d) in [
+            ("http.header_timeout", h.header_timeout.0),
+            ("http.idle_timeout", h.idle_timeout.0),
+            ("http.stream_idle_timeout", h.stream_idle_timeout.0),
+        ] {
+            if d.is_zero() || d > Duration::from_secs(7 * 24 * 3600) {
+                return Err((
+                    key.into(),
+                    format!(
+                        "\"{}\" is out of range: more than 0s and at most 7 days",
+                        humantime::format_duration(d)
+                    ),
+                ));
+            }
         }
         if self.balance.decay.0.is_zero() {
             return Err((

@@ -526,7 +526,7 @@ enum Kind {
     },
     Stream {
         prefix: std::vec::IntoIter<Bytes>,
-        error: Option<hyper::Error>,
+        error: Option<crate::proxy::body::BodyError>,
         rest: Option<Body>,
     },
 }
@@ -549,7 +549,11 @@ impl ResponseBody {
         }
     }
 
-    fn stream(prefix: Vec<Bytes>, error: Option<hyper::Error>, rest: Option<Body>) -> ResponseBody {
+    fn stream(
+        prefix: Vec<Bytes>,
+        error: Option<crate::proxy::body::BodyError>,
+        rest: Option<Body>,
+    ) -> ResponseBody {
         ResponseBody {
             kind: Kind::Stream {
                 prefix: prefix.into_iter(),
@@ -573,12 +577,12 @@ impl std::fmt::Debug for ResponseBody {
 
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::proxy::body::BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::proxy::body::BodyError>>> {
         match &mut self.kind {
             Kind::Own(b) => Pin::new(b).poll_frame(cx),
             Kind::Shared {

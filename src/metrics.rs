@@ -49,6 +49,10 @@ pub struct Metrics {
     pub dedup_saved: IntCounterVec,
     /// Requests that ran out of time (the request timeout or grpc-timeout).
     pub timeouts: IntCounterVec,
+    /// Protocol detection decisions, by direction and result.
+    pub protocol_detect: IntCounterVec,
+    /// Requests ended because no byte moved either way for `http.stream_idle_timeout`.
+    pub idle_timeouts: IntCounterVec,
     /// Inbound requests refused by the concurrency or rate limit.
     pub inbound_refused: IntCounterVec,
     /// 1 for each dependency's current state, 0 for its other states.
@@ -197,7 +201,19 @@ impl Metrics {
             timeouts: counter(
                 &r,
                 "meshlet_timeouts_total",
-                "Requests answered 504 because the request timeout or grpc-timeout passed",
+                "Requests ended because the request timeout or grpc-timeout passed (504 before the response head, the stream cut after it)",
+                &["direction", "service"],
+            ),
+            protocol_detect: counter(
+                &r,
+                "meshlet_protocol_detect_total",
+                "Protocol decisions on accepted connections: http1, h2, tcp (by the client's first bytes), timeout (the client stayed silent), declared (no detection)",
+                &["direction", "result"],
+            ),
+            idle_timeouts: counter(
+                &r,
+                "meshlet_idle_timeouts_total",
+                "Requests ended because no byte moved either way for http.stream_idle_timeout",
                 &["direction", "service"],
             ),
             inbound_refused: counter(

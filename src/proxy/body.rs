@@ -10,6 +10,36 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::client::PoolReturn;
+use super::edge::Exchange;
+
+/// The error of a body on the data path: the peer's (hyper's), or meshlet cutting a stream
+/// short (see `edge::ServedBody`).
+#[derive(Debug)]
+pub struct BodyError(Box<dyn std::error::Error + Send + Sync>);
+
+impl BodyError {
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> BodyError {
+        BodyError(Box::new(e))
+    }
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+impl From<hyper::Error> for BodyError {
+    fn from(e: hyper::Error) -> BodyError {
+        BodyError(Box::new(e))
+    }
+}
 
 pub struct Body {
     kind: Kind,
@@ -20,6 +50,8 @@ enum Kind {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    /// A request body from the client: a failure in it is the client's (see `edge::Exchange`).
+    Client(Incoming, std::sync::Arc<Exchange>),
     /// A request body kept for retries, or read partly (see `retry::make_replayable`).
     Prefixed(Box<crate::retry::PrefixedBody>),
     /// A response shared by deduplicated requests (see `dedup`).
@@ -32,6 +64,7 @@ impl std::fmt::Debug for Body {
             Kind::Empty => "empty",
             Kind::Full(_) => "full",
             Kind::Incoming(_) => "streaming",
+            Kind::Client(..) => "client",
             Kind::Prefixed(_) => "prefixed",
             Kind::Shared(_) => "shared",
         };
@@ -62,6 +95,14 @@ impl Body {
     pub fn incoming(b: Incoming) -> Body {
         Body {
             kind: Kind::Incoming(b),
+            on_end: None,
+        }
+    }
+
+    /// The client's request body; its failures are marked on `exchange` as the client's.
+    pub fn from_client(b: Incoming, exchange: std::sync::Arc<Exchange>) -> Body {
+        Body {
+            kind: Kind::Client(b, exchange),
             on_end: None,
         }
     }
@@ -97,12 +138,12 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         match &mut this.kind {
             Kind::Empty => Poll::Ready(None),
@@ -112,7 +153,16 @@ impl http_body::Body for Body {
                 if let Poll::Ready(None) = res {
                     this.finish();
                 }
-                res
+                res.map_err(BodyError::from)
+            }
+            Kind::Client(b, ex) => {
+                let res = Pin::new(b).poll_frame(cx);
+                match &res {
+                    Poll::Ready(Some(Ok(_))) => ex.touch(),
+                    Poll::Ready(Some(Err(_))) => ex.mark_client_failed(),
+                    _ => {}
+                }
+                res.map_err(BodyError::from)
             }
             Kind::Prefixed(b) => Pin::new(b.as_mut()).poll_frame(cx),
             Kind::Shared(b) => Pin::new(b.as_mut()).poll_frame(cx),
@@ -124,6 +174,7 @@ impl http_body::Body for Body {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::Incoming(b) => b.is_end_stream(),
+            Kind::Client(b, _) => b.is_end_stream(),
             Kind::Prefixed(b) => b.is_end_stream(),
             Kind::Shared(b) => b.is_end_stream(),
         }
@@ -134,6 +185,7 @@ impl http_body::Body for Body {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Incoming(b) => b.size_hint(),
+            Kind::Client(b, _) => b.size_hint(),
             Kind::Prefixed(b) => b.size_hint(),
             Kind::Shared(b) => b.size_hint(),
         }

@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 
 use super::body::Body;
 use super::client::{ConnectTime, SendError, Timeouts};
+use super::edge::{ConnState, Exchange, ServedBody};
 use super::{Resilience, Target};
 use crate::breaker::Transition;
 use crate::retry;
@@ -23,44 +24,87 @@ const MAX_CONNECT_ATTEMPTS: usize = 3;
 pub static MESHLET_ERROR: HeaderName = HeaderName::from_static("meshlet-error");
 
 /// The hyper service function: forwards and records metrics. Never fails: errors become
-/// responses with a `meshlet-error` header.
-pub async fn handle(t: Arc<Target>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// responses with a `meshlet-error` header. The response body stays under the request's
+/// deadline and the stream idle timeout while it streams ([`ServedBody`]).
+pub async fn handle(
+    t: Arc<Target>,
+    conn: Arc<ConnState>,
+    req: Request<Incoming>,
+) -> Result<Response<ServedBody>, Infallible> {
+    let busy = conn.begin();
     let start = Instant::now();
-    let rsp = forward(&t, req).await;
+    let grpc = is_grpc(req.headers());
+    let exchange = Arc::new(Exchange::default());
+    let (rsp, deadline) = forward(&t, &conn, &exchange, req).await;
     t.metrics
         .requests
         .with_label_values(&[t.direction.as_str(), &t.service, rsp.status().as_str()])
         .inc();
     let elapsed = start.elapsed();
     t.duration.observe(elapsed.as_secs_f64());
-    t.window.record(
-        rsp.status().as_u16(),
-        elapsed,
-        rsp.headers().get(&MESHLET_ERROR),
-    );
-    Ok(rsp)
+    let refused = rsp.status().is_client_error() && rsp.headers().contains_key(&MESHLET_ERROR);
+    // A request refused at the edge or broken by its client says nothing about the service.
+    if !refused && !exchange.client_failed() {
+        t.window.record(
+            rsp.status().as_u16(),
+            elapsed,
+            rsp.headers().get(&MESHLET_ERROR),
+        );
+    }
+    let deadline = deadline.map(|d| (tokio::time::Instant::from_std(start) + d, d));
+    let idle = conn.settings.stream_idle_timeout;
+    Ok(rsp.map(|b| {
+        ServedBody::new(
+            b,
+            exchange,
+            deadline,
+            idle,
+            grpc,
+            Some(t.cut_counters.clone()),
+            Some(busy),
+        )
+    }))
 }
 
-async fn forward(t: &Arc<Target>, mut req: Request<Incoming>) -> Response<Body> {
+/// Forwards one request; returns the answer and the request's time limit, which still applies
+/// to the response body.
+async fn forward(
+    t: &Arc<Target>,
+    conn: &ConnState,
+    ex: &Arc<Exchange>,
+    mut req: Request<Incoming>,
+) -> (Response<Body>, Option<Duration>) {
     let grpc = is_grpc(req.headers());
-    // Inbound limits answer at once, before anything else is spent on the request.
-    let _permit = match admit_inbound(t) {
-        Ok(p) => p,
-        Err(limit) => {
-            t.metrics.inbound_refused.with_label_values(&[limit]).inc();
-            return error_response_with(
-                StatusCode::SERVICE_UNAVAILABLE,
-                grpc.then_some(GRPC_RESOURCE_EXHAUSTED),
-                &format!("inbound {limit} limit reached for {}", t.service),
-            );
-        }
-    };
     let upgrade = if req.version() != Version::HTTP_2 && is_upgrade(req.headers()) {
         Some(hyper::upgrade::on(&mut req))
     } else {
         None
     };
     let (mut parts, body) = req.into_parts();
+    if let Err(r) = super::edge::check_head(&mut parts, conn.dst) {
+        tracing::debug!(status = %r.status, reason = %r.reason, "request refused at the edge");
+        let mut rsp =
+            error_response_with(r.status, grpc.then_some(GRPC_INVALID_ARGUMENT), &r.reason);
+        if !grpc && parts.version != Version::HTTP_2 {
+            // The connection may be out of step with the client after a malformed head.
+            rsp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return (rsp, None);
+    }
+    // Inbound limits answer at once, before anything else is spent on the request.
+    let _permit = match admit_inbound(t) {
+        Ok(p) => p,
+        Err(limit) => {
+            t.metrics.inbound_refused.with_label_values(&[limit]).inc();
+            let rsp = error_response_with(
+                StatusCode::SERVICE_UNAVAILABLE,
+                grpc.then_some(GRPC_RESOURCE_EXHAUSTED),
+                &format!("inbound {limit} limit reached for {}", t.service),
+            );
+            return (rsp, None);
+        }
+    };
     strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
     if parts.version == Version::HTTP_2 && parts.uri.authority().is_none() {
         set_authority(&mut parts, &t.service);
@@ -76,30 +120,44 @@ async fn forward(t: &Arc<Target>, mut req: Request<Incoming>) -> Response<Body> 
                 // own copy of the request.
                 let (parts, ()) = head.into_parts();
                 let template = Template::of(&parts);
-                let (t, r2) = (t.clone(), r.clone());
+                let (t, r2, ex2) = (t.clone(), r.clone(), ex.clone());
                 let rsp = dedup
                     .run(key, move || {
                         let req = template.build(Body::empty());
-                        let (t, r) = (t.clone(), r2.clone());
-                        async move { send(&t, &r, req, None, grpc).await }
+                        let (t, r, ex) = (t.clone(), r2.clone(), ex2.clone());
+                        async move { send(&t, &r, &ex, req, None, grpc).await }
                     })
                     .await;
                 return rsp.map(Body::shared);
             }
             parts = head.into_parts().0;
         }
-        let req = Request::from_parts(parts, Body::incoming(body));
-        send(t, &r, req, upgrade, grpc).await
+        let req = Request::from_parts(parts, Body::from_client(body, ex.clone()));
+        send(t, &r, ex, req, upgrade, grpc).await
     };
-    match deadline {
-        None => work.await,
-        Some(d) => match tokio::time::timeout(d, work).await {
+    let idle = conn.settings.stream_idle_timeout;
+    let guarded = async {
+        tokio::select! {
+            rsp = work => rsp,
+            _ = super::edge::stream_idle(ex, idle) => {
+                t.cut_counters.idle.inc();
+                error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    grpc,
+                    &format!(
+                        "no bytes moved either way for {} (http.stream_idle_timeout)",
+                        humantime::format_duration(idle)
+                    ),
+                )
+            }
+        }
+    };
+    let rsp = match deadline {
+        None => guarded.await,
+        Some(d) => match tokio::time::timeout(d, guarded).await {
             Ok(rsp) => rsp,
             Err(_) => {
-                t.metrics
-                    .timeouts
-                    .with_label_values(&[t.direction.as_str(), &t.service])
-                    .inc();
+                t.cut_counters.deadline.inc();
                 error_response_with(
                     StatusCode::GATEWAY_TIMEOUT,
                     grpc.then_some(GRPC_DEADLINE_EXCEEDED),
@@ -107,13 +165,16 @@ async fn forward(t: &Arc<Target>, mut req: Request<Incoming>) -> Response<Body> 
                 )
             }
         },
-    }
+    };
+    (rsp, deadline)
 }
 
 const GRPC_DEADLINE_GRACE: Duration = Duration::from_millis(25);
 const GRPC_UNAVAILABLE: &str = "14";
 const GRPC_DEADLINE_EXCEEDED: &str = "4";
 const GRPC_RESOURCE_EXHAUSTED: &str = "8";
+const GRPC_INVALID_ARGUMENT: &str = "3";
+const GRPC_CANCELLED: &str = "1";
 
 /// A request body that has not ended this soon after the head is treated as a stream (a
 /// client-streaming or bidi gRPC call, an upload in progress) and not held for retries.
@@ -205,6 +266,7 @@ impl Template {
 async fn send(
     t: &Target,
     r: &Resilience,
+    ex: &Exchange,
     req: Request<Body>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
     grpc: bool,
@@ -214,6 +276,7 @@ async fn send(
         connect: p.connect_timeout.0,
         idle: p.idle_timeout.0,
     };
+    let idle = t.stream_idle_timeout;
     r.budget.deposit(Instant::now());
     let method = req.method().clone();
     // A request that may be sent again after it was sent keeps its head and its body (when the
@@ -269,10 +332,10 @@ async fn send(
             Some(client) => match ep.pool.send_upgrade(req, timeouts).await {
                 Ok(mut rsp) => {
                     ep.connect_succeeded();
-                    drop(inflight);
+                    inflight.complete();
                     record(t, &ep, true, started, probe);
                     if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        splice_upgrade(t, client, &mut rsp);
+                        splice_upgrade(t, client, &mut rsp, idle);
                     } else {
                         strip_hop_by_hop(rsp.headers_mut(), false);
                     }
@@ -289,7 +352,7 @@ async fn send(
                 if let Some(ct) = rsp.extensions().get::<ConnectTime>() {
                     inflight.discount(ct.0);
                 }
-                drop(inflight);
+                inflight.complete();
                 let status = rsp.status();
                 let failure = r
                     .failures
@@ -333,8 +396,19 @@ async fn send(
                 // Nothing was sent: the same request goes to another endpoint.
                 next = Some(*request);
             }
+            Err(e @ SendError::Upstream { .. }) if ex.client_failed() => {
+                // The client's body broke off or was malformed: the client's fault, not the
+                // endpoint's. Nothing is recorded against the endpoint and nothing retried.
+                inflight.forget();
+                tracing::debug!(service = %t.service, error = %e, "the client's request body failed");
+                return error_response_with(
+                    StatusCode::BAD_REQUEST,
+                    grpc.then_some(GRPC_CANCELLED),
+                    &format!("the client's request body failed: {}", client_error(&e)),
+                );
+            }
             Err(e @ SendError::Upstream { .. }) => {
-                drop(inflight);
+                inflight.complete();
                 record(t, &ep, false, started, probe);
                 tracing::debug!(service = %t.service, error = %e, "upstream request failed");
                 if p.retry_on.retries_reset(&method)
@@ -460,7 +534,12 @@ fn unavailable(t: &Target, grpc: bool, last_error: Option<String>) -> Response<B
 /// After a `101 Switching Protocols`, joins the client's and the endpoint's upgraded streams.
 /// Bytes are counted as they are written, so that a long-lived stream shows while it lasts and
 /// one that ends in an error (a reset) keeps what it carried.
-fn splice_upgrade(t: &Target, client: hyper::upgrade::OnUpgrade, rsp: &mut Response<Body>) {
+fn splice_upgrade(
+    t: &Target,
+    client: hyper::upgrade::OnUpgrade,
+    rsp: &mut Response<Body>,
+    idle: Duration,
+) {
     let server = hyper::upgrade::on(&mut *rsp);
     let counters = t.byte_counters();
     t.tasks.spawn(async move {
@@ -471,8 +550,17 @@ fn splice_upgrade(t: &Target, client: hyper::upgrade::OnUpgrade, rsp: &mut Respo
                 return;
             }
         };
-        super::tcp::splice(TokioIo::new(client), TokioIo::new(server), counters).await;
+        super::tcp::splice(TokioIo::new(client), TokioIo::new(server), counters, idle).await;
     });
+}
+
+/// The innermost cause of an upstream error caused by the client's body, for the answer.
+fn client_error(e: &SendError) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 fn is_grpc(h: &HeaderMap) -> bool {
@@ -480,8 +568,13 @@ fn is_grpc(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// An HTTP/1.1 protocol upgrade meshlet carries (WebSocket and the like). `h2c` is declined:
+/// the request is served as the HTTP/1.1 request it also is (RFC 9113 dropped h2c upgrades;
+/// clients that want HTTP/2 in the clear send the preface, which meshlet detects).
 fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE) && connection_has(h, "upgrade")
+    h.get(header::UPGRADE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"h2c"))
+        && connection_has(h, "upgrade")
 }
 
 fn connection_has(h: &HeaderMap, token: &str) -> bool {
@@ -496,12 +589,16 @@ fn connection_has(h: &HeaderMap, token: &str) -> bool {
 /// upgrade request so that the endpoint sees it.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     if let Some(conn) = h.get(header::CONNECTION) {
+        // Host and Content-Length are never removed: a client naming them in Connection is
+        // wrong (RFC 9110 7.6.1), and dropping them would change where and how the request
+        // goes.
         let named: Vec<HeaderName> = conn
             .to_str()
             .unwrap_or("")
             .split(',')
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
             .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .filter(|n| n != header::HOST && n != header::CONTENT_LENGTH)
             .collect();
         for n in named {
             h.remove(n);
@@ -513,6 +610,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
     h.remove("keep-alive");
     h.remove("proxy-connection");
+    h.remove("http2-settings");
     h.remove(header::TRANSFER_ENCODING);
     if h.get(header::TE)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))

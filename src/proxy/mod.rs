@@ -4,6 +4,7 @@
 pub mod body;
 pub mod client;
 pub mod detect;
+pub mod edge;
 pub mod http;
 pub mod tcp;
 
@@ -15,7 +16,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::Histogram;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -130,6 +131,10 @@ pub struct Target {
     resilience: Mutex<Option<Arc<Resilience>>>,
     /// Recent request outcomes (success rate, latency, last error) for the health model.
     pub window: crate::health::window::Window,
+    /// Counts responses cut short (deadline, stream idle timeout).
+    pub cut_counters: edge::CutCounters,
+    /// `http.stream_idle_timeout`.
+    pub stream_idle_timeout: Duration,
 }
 
 /// Limits on requests to the local app, shared by every inbound port.
@@ -156,8 +161,15 @@ impl Target {
         metrics: &Arc<Metrics>,
         tasks: &TaskTracker,
         limits: Option<Arc<InboundLimits>>,
+        stream_idle_timeout: Duration,
     ) -> Target {
+        let labels = [direction.as_str(), &*service];
         Target {
+            cut_counters: edge::CutCounters {
+                deadline: metrics.timeouts.with_label_values(&labels),
+                idle: metrics.idle_timeouts.with_label_values(&labels),
+            },
+            stream_idle_timeout,
             direction,
             duration: metrics
                 .response_duration
@@ -236,7 +248,8 @@ pub struct Proxy {
     settings: BalanceSettings,
     /// The config file's `defaults:` policy layer.
     defaults: PolicySpec,
-    detect_timeout: Duration,
+    detect: detect::Limits,
+    http: edge::Settings,
     server_first_ports: Vec<u16>,
     outbound: Mutex<HashMap<ServiceRef, Arc<Target>>>,
     inbound: Mutex<HashMap<u16, Arc<Target>>>,
@@ -273,6 +286,7 @@ impl Proxy {
         drain: CancellationToken,
     ) -> Arc<Proxy> {
         let tasks = TaskTracker::new();
+        let http = edge::Settings::from_config(&config.http);
         let passthrough = Arc::new(Target::new(
             Direction::Outbound,
             "passthrough".into(),
@@ -280,6 +294,7 @@ impl Proxy {
             &metrics,
             &tasks,
             None,
+            http.stream_idle_timeout,
         ));
         let limits = config.inbound.as_ref().and_then(|i| {
             let concurrency = i
@@ -302,7 +317,12 @@ impl Proxy {
                 sync_timeout: config.discovery.sync_timeout.0,
             },
             defaults: config.defaults.clone(),
-            detect_timeout: config.detect.timeout.0,
+            detect: detect::Limits {
+                timeout: config.detect.timeout.0,
+                header_timeout: http.header_timeout,
+                max_head: http.max_header_bytes,
+            },
+            http,
             server_first_ports: config.detect.server_first_ports.clone(),
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
@@ -340,6 +360,7 @@ impl Proxy {
             &self.metrics,
             &self.tasks,
             None,
+            self.http.stream_idle_timeout,
         ));
         map.insert(name.clone(), t.clone());
         t
@@ -396,6 +417,7 @@ impl Proxy {
                     &self.metrics,
                     &self.tasks,
                     self.limits.clone(),
+                    self.http.stream_idle_timeout,
                 ))
             })
             .clone()
@@ -452,7 +474,7 @@ impl Proxy {
                         Listener::Inbound => this.inbound(stream, local).await,
                         Listener::Upstream(svc) => {
                             let t = this.service(&svc);
-                            this.detect_and_proxy(stream, &t, None).await
+                            this.detect_and_proxy(stream, &t, local, false).await
                         }
                     }
                 }
@@ -504,12 +526,18 @@ impl Proxy {
             Some(svc) => {
                 let t = self.service(&svc);
                 tracing::debug!(%dst, service = %svc, "outbound");
-                self.detect_and_proxy(stream, &t, Some(dst.port())).await
+                self.detect_and_proxy(stream, &t, dst, true).await
             }
             None => {
                 self.count_conn(Direction::Outbound, "passthrough");
                 tracing::debug!(%dst, "unknown destination; passing through");
-                tcp::passthrough(&self.passthrough, stream, dst).await
+                tcp::passthrough(
+                    &self.passthrough,
+                    stream,
+                    dst,
+                    self.http.stream_idle_timeout,
+                )
+                .await
             }
         }
     }
@@ -519,7 +547,7 @@ impl Proxy {
             return;
         };
         let t = self.inbound_target(dst.port());
-        self.detect_and_proxy(stream, &t, Some(dst.port())).await
+        self.detect_and_proxy(stream, &t, dst, true).await
     }
 
     fn count_conn(&self, direction: Direction, protocol: &str) {
@@ -529,55 +557,217 @@ impl Proxy {
             .inc();
     }
 
-    /// Detects the protocol (skipped for server-speaks-first ports) and proxies.
-    async fn detect_and_proxy(&self, mut stream: TcpStream, t: &Arc<Target>, port: Option<u16>) {
-        let (proto, prefix) = if port.is_some_and(|p| self.server_first_ports.contains(&p)) {
-            (Protocol::Tcp, bytes::BytesMut::new())
-        } else {
-            match detect::detect(&mut stream, self.detect_timeout).await {
-                Ok(d) => d,
-                Err(error) => {
-                    tracing::debug!(%error, "connection failed during protocol detection");
-                    return;
-                }
+    fn count_detect(&self, direction: Direction, result: &str) {
+        self.metrics
+            .protocol_detect
+            .with_label_values(&[direction.as_str(), result])
+            .inc();
+    }
+
+    /// Detects the protocol and proxies. `dst` is what the client connected to (the original
+    /// destination, or the explicit listener's address); `transparent` for redirected
+    /// connections, where server-speaks-first ports skip detection.
+    async fn detect_and_proxy(
+        &self,
+        stream: TcpStream,
+        t: &Arc<Target>,
+        dst: SocketAddr,
+        transparent: bool,
+    ) {
+        let idle = self.http.stream_idle_timeout;
+        if transparent && self.server_first_ports.contains(&dst.port()) {
+            self.count_detect(t.direction, "declared");
+            self.count_conn(t.direction, Protocol::Tcp.as_str());
+            return tcp::proxy(t, stream, bytes::BytesMut::new(), idle).await;
+        }
+        // Wait for the first bytes without holding a buffer: idle connections stay cheap.
+        match tokio::time::timeout(self.detect.timeout, first_byte(&stream)).await {
+            Err(_) => self.silent(stream, t, dst).await,
+            Ok(Err(error)) => tracing::debug!(%error, "connection failed before its first byte"),
+            Ok(Ok(false)) => tracing::debug!("connection closed before its first byte"),
+            Ok(Ok(true)) => self.detect_then_proxy(stream, t, dst, None, true).await,
+        }
+    }
+
+    /// Detects on the client's first bytes, then proxies: HTTP through the HTTP server, opaque
+    /// TCP to an endpoint (over `up` when a connection was made already).
+    async fn detect_then_proxy(
+        &self,
+        mut stream: TcpStream,
+        t: &Arc<Target>,
+        dst: SocketAddr,
+        up: Option<tcp::Upstream>,
+        count: bool,
+    ) {
+        let first_byte = tokio::time::Instant::now();
+        let idle = self.http.stream_idle_timeout;
+        let (outcome, prefix) = match detect::detect_with(&mut stream, &self.detect).await {
+            Ok(d) => d,
+            Err(error) => {
+                tracing::debug!(%error, "connection failed during protocol detection");
+                return;
             }
         };
+        let mut prefix = prefix;
+        let proto = match outcome {
+            detect::Outcome::Is(Protocol::Http1)
+                if detect::request_version(&mut prefix) == detect::Version::Unsupported =>
+            {
+                if count {
+                    self.count_detect(t.direction, "http1");
+                }
+                self.count_conn(t.direction, Protocol::Http1.as_str());
+                let rsp = "HTTP/1.1 505 HTTP Version Not Supported\r\nconnection: close\r\n\
+                           content-length: 0\r\nmeshlet-error: only HTTP/1.x request lines \
+                           are supported (HTTP/2 starts with its connection preface)\r\n\r\n";
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = stream.write_all(rsp.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                })
+                .await;
+                return;
+            }
+            detect::Outcome::Is(p) => p,
+            detect::Outcome::HeadTimeout => {
+                if count {
+                    self.count_detect(t.direction, "http1");
+                }
+                self.count_conn(t.direction, Protocol::Http1.as_str());
+                tracing::debug!("request line not received within http.header_timeout");
+                let rsp = edge::timeout_response(self.http.header_timeout);
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = stream.write_all(rsp.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                })
+                .await;
+                return;
+            }
+            detect::Outcome::Closed => return,
+        };
+        if count {
+            let result = if proto == Protocol::Http2 {
+                "h2"
+            } else {
+                proto.as_str()
+            };
+            self.count_detect(t.direction, result);
+        }
         self.count_conn(t.direction, proto.as_str());
-        match proto {
-            Protocol::Tcp => tcp::proxy(t, stream, prefix).await,
-            Protocol::Http1 | Protocol::Http2 => {
+        match (proto, up) {
+            (Protocol::Tcp, Some(up)) => tcp::proxy_to(t, stream, up, prefix, idle).await,
+            (Protocol::Tcp, None) => tcp::proxy(t, stream, prefix, idle).await,
+            (Protocol::Http1 | Protocol::Http2, up) => {
+                // A connection made while the client was silent is not needed for HTTP.
+                drop(up);
                 let io = PrefixedIo::new(prefix, stream);
-                serve_http(io, proto, t.clone(), self.drain.clone()).await
+                let conn = edge::ConnState::new(dst, self.http);
+                serve_http(io, proto, t.clone(), self.drain.clone(), conn, first_byte).await
+            }
+        }
+    }
+
+    /// A client that said nothing within the detection timeout: an HTTP client that connected
+    /// ahead of use, or a protocol whose server speaks first. An endpoint connection is made
+    /// and both sides are watched: if the server speaks first, it is opaque TCP over that
+    /// connection; if the client does, detection runs on its bytes as usual (HTTP stays HTTP,
+    /// balanced per request). Nothing from either side for `http.stream_idle_timeout` closes
+    /// both; so does finding no endpoint to connect to.
+    async fn silent(&self, stream: TcpStream, t: &Arc<Target>, dst: SocketAddr) {
+        self.count_detect(t.direction, "timeout");
+        let idle = self.http.stream_idle_timeout;
+        let mut up = tcp::connect(t).await;
+        if up.is_none() {
+            // Nothing to talk to: a server-speaks-first client learns it at once, and an HTTP
+            // client that connected ahead of use connects again when it has a request.
+            return;
+        }
+        let quiet_until = tokio::time::sleep(idle);
+        tokio::pin!(quiet_until);
+        loop {
+            let server_spoke = async {
+                match &up {
+                    Some(u) => first_byte(&u.stream).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = first_byte(&stream) => {
+                    if matches!(r, Ok(true)) {
+                        self.detect_then_proxy(stream, t, dst, up, false).await;
+                    }
+                    return;
+                }
+                r = server_spoke => {
+                    if !matches!(r, Ok(true)) {
+                        // The endpoint closed the connection before anyone spoke: wait for the
+                        // client alone; it gets a new connection if it turns out to be TCP.
+                        up = None;
+                        continue;
+                    }
+                    self.count_conn(t.direction, Protocol::Tcp.as_str());
+                    let up = up.take().expect("checked above");
+                    return tcp::proxy_to(t, stream, up, bytes::BytesMut::new(), idle).await;
+                }
+                _ = &mut quiet_until => {
+                    tracing::debug!("closing a connection on which nobody spoke for http.stream_idle_timeout");
+                    return;
+                }
             }
         }
     }
 }
 
-/// Serves one client connection with hyper, every request through [`http::handle`]. On the
-/// drain signal the connection shuts down gracefully: in-flight requests finish, HTTP/1.1
-/// stops keeping alive, HTTP/2 sends GOAWAY.
-async fn serve_http<I>(io: I, proto: Protocol, t: Arc<Target>, drain: CancellationToken)
-where
+/// Serves one client connection with hyper, every request through [`http::handle`]. HTTP/1
+/// runs behind [`edge::EdgeIo`] (idle and head timers, 408); HTTP/2 connections with no open
+/// stream for `http.idle_timeout` are sent GOAWAY. On the drain signal the connection shuts
+/// down gracefully: in-flight requests finish, HTTP/1.1 stops keeping alive, HTTP/2 sends
+/// GOAWAY.
+async fn serve_http<I>(
+    io: I,
+    proto: Protocol,
+    t: Arc<Target>,
+    drain: CancellationToken,
+    conn: Arc<edge::ConnState>,
+    first_byte: tokio::time::Instant,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| http::handle(t.clone(), req));
-    let io = TokioIo::new(io);
+    let settings = conn.settings;
+    let state = conn.clone();
+    let svc = service_fn(move |req| http::handle(t.clone(), conn.clone(), req));
     let result = if proto == Protocol::Http2 {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .serve_connection(io, svc);
+            .max_header_list_size(settings.max_header_bytes.min(u32::MAX as usize) as u32)
+            .serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
+        let idle = h2_idle(&state, settings.idle_timeout);
+        tokio::pin!(idle);
         tokio::select! {
             r = conn.as_mut() => r,
             _ = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
+            _ = &mut idle => {
+                tracing::debug!("closing an HTTP/2 connection idle for http.idle_timeout");
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
         }
     } else {
-        let conn = hyper::server::conn::http1::Builder::new()
+        let io = Box::pin(edge::EdgeIo::new(io, state, settings, first_byte));
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
             .timer(TokioTimer::new())
-            .serve_connection(io, svc)
+            // EdgeIo keeps the idle and head timers apart; hyper's one timer cannot.
+            .header_read_timeout(None)
+            .max_header_size(settings.max_header_bytes);
+        if settings.max_header_bytes > 256 * 1024 {
+            builder.max_buf_size(settings.max_header_bytes + 64 * 1024);
+        }
+        let conn = builder
+            .serve_connection(TokioIo::new(io), svc)
             .with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
@@ -590,6 +780,36 @@ where
     };
     if let Err(error) = result {
         tracing::debug!(%error, "http connection ended with an error");
+    }
+}
+
+/// Waits until `stream` has a byte to read (true) or its peer closed (false), without reading
+/// it. Readiness alone can be a false positive; a peek tells.
+async fn first_byte(stream: &TcpStream) -> std::io::Result<bool> {
+    loop {
+        stream.readable().await?;
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            socket2::SockRef::from(stream).peek(&mut b)
+        });
+        match peeked {
+            Ok(n) => return Ok(n > 0),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Resolves once an HTTP/2 connection has had no request in flight for `idle`.
+async fn h2_idle(state: &edge::ConnState, idle: Duration) {
+    let mut wait = idle;
+    loop {
+        tokio::time::sleep(wait).await;
+        match state.idle_for() {
+            Some(d) if d >= idle => return,
+            Some(d) => wait = idle - d,
+            None => wait = idle,
+        }
     }
 }
 

@@ -3,6 +3,9 @@
 //! ends, and keeps the other direction flowing).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use std::io;
@@ -17,13 +20,15 @@ use super::Target;
 
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 
-/// Connects to an endpoint of the target (falling through to another on a connect failure),
-/// sends the bytes already read, then copies both ways. Without an endpoint the client's
-/// connection is closed.
-pub async fn proxy<I>(t: &Target, mut client: I, prefix: BytesMut)
-where
-    I: AsyncRead + AsyncWrite + Unpin,
-{
+/// A connection made to one of a target's endpoints, counted as load on it while it lives.
+pub struct Upstream {
+    pub stream: TcpStream,
+    _hold: crate::balance::InFlight,
+}
+
+/// Connects to an endpoint of the target, falling through to another on a connect failure
+/// (each failure recorded on the endpoint). `None` (logged) when no endpoint could be reached.
+pub async fn connect(t: &Target) -> Option<Upstream> {
     t.window.mark_used();
     t.route.wait_synced().await;
     let connect_timeout = t.route.policy().connect_timeout.0;
@@ -45,10 +50,11 @@ where
                 // For opaque TCP, a made connection is the success the breaker can see.
                 t.route.record(&ep, outcome(true));
                 // The connect time is a latency sample; the connection's lifetime is not.
-                drop(inflight);
-                let _conn = ep.hold();
-                copy(t, client, server, prefix).await;
-                return;
+                inflight.complete();
+                return Some(Upstream {
+                    stream: server,
+                    _hold: ep.hold(),
+                });
             }
             Err(error) => {
                 inflight.forget();
@@ -74,21 +80,44 @@ where
     } else {
         tracing::info!(service = %t.service, "no reachable endpoint; closing the connection");
     }
-    let _ = client.shutdown().await;
+    None
+}
+
+/// Connects to an endpoint of the target, sends the bytes already read, then copies both
+/// ways. Without an endpoint the client's connection is closed.
+pub async fn proxy<I>(t: &Target, mut client: I, prefix: BytesMut, idle: Duration)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    match connect(t).await {
+        Some(up) => proxy_to(t, client, up, prefix, idle).await,
+        None => {
+            let _ = client.shutdown().await;
+        }
+    }
+}
+
+/// Sends the bytes already read to a connected endpoint, then copies both ways.
+pub async fn proxy_to<I>(t: &Target, client: I, up: Upstream, prefix: BytesMut, idle: Duration)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let Upstream { stream, _hold } = up;
+    copy(t, client, stream, prefix, idle).await
 }
 
 /// Passes a connection through, unchanged, to its original destination.
-pub async fn passthrough<I>(t: &Target, client: I, dst: SocketAddr)
+pub async fn passthrough<I>(t: &Target, client: I, dst: SocketAddr, idle: Duration)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     match crate::socket::connect(dst).await {
-        Ok(server) => copy(t, client, server, BytesMut::new()).await,
+        Ok(server) => copy(t, client, server, BytesMut::new(), idle).await,
         Err(error) => tracing::debug!(%dst, %error, "passthrough connect failed"),
     }
 }
 
-async fn copy<I>(t: &Target, client: I, server: TcpStream, prefix: BytesMut)
+async fn copy<I>(t: &Target, client: I, server: TcpStream, prefix: BytesMut, idle: Duration)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -100,7 +129,7 @@ where
             return;
         }
     }
-    splice(client, server.io, counters).await
+    splice(client, server.io, counters, idle).await
 }
 
 /// The byte counters of one target, by flow.
@@ -111,16 +140,42 @@ pub(crate) struct ByteCounters {
 
 /// Copies both ways until both directions end (half-close kept), counting bytes as they are
 /// written: a long-lived stream shows while it lasts, and one that ends in a reset keeps what
-/// it carried.
-pub(crate) async fn splice<A, B>(client: A, server: B, counters: ByteCounters)
+/// it carried. A stream on which no byte moved either way for `idle` is closed (in steps of a
+/// quarter of it, so between 1 and 1.25 times `idle`).
+pub(crate) async fn splice<A, B>(client: A, server: B, counters: ByteCounters, idle: Duration)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut c = CountWrites::new(client, counters.to_client);
-    let mut s = CountWrites::new(server, counters.to_server);
-    if let Err(error) = tokio::io::copy_bidirectional(&mut c, &mut s).await {
-        tracing::debug!(%error, "stream ended with an error");
+    let activity = Arc::new(AtomicU64::new(0));
+    let mut c = CountWrites::new(client, counters.to_client).tracking(activity.clone());
+    let mut s = CountWrites::new(server, counters.to_server).tracking(activity.clone());
+    let moved = move || activity.load(Ordering::Relaxed);
+    let copy = tokio::io::copy_bidirectional(&mut c, &mut s);
+    tokio::pin!(copy);
+    let step = (idle / 4).max(Duration::from_millis(1));
+    let (mut seen, mut quiet) = (moved(), Duration::ZERO);
+    loop {
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(error) = r {
+                    tracing::debug!(%error, "stream ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(step) => {
+                let now = moved();
+                if now != seen {
+                    (seen, quiet) = (now, Duration::ZERO);
+                } else {
+                    quiet += step;
+                    if quiet >= idle {
+                        tracing::debug!(idle = ?idle, "closing a stream idle for http.stream_idle_timeout");
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -128,11 +183,29 @@ where
 pub(crate) struct CountWrites<I> {
     io: I,
     written: IntCounter,
+    /// Bytes written, for this stream only (the counter is shared by a target's streams).
+    moved: Option<Arc<AtomicU64>>,
 }
 
 impl<I> CountWrites<I> {
     pub(crate) fn new(io: I, written: IntCounter) -> Self {
-        CountWrites { io, written }
+        CountWrites {
+            io,
+            written,
+            moved: None,
+        }
+    }
+
+    fn tracking(mut self, moved: Arc<AtomicU64>) -> Self {
+        self.moved = Some(moved);
+        self
+    }
+
+    fn count(&self, n: usize) {
+        self.written.inc_by(n as u64);
+        if let Some(m) = &self.moved {
+            m.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -155,7 +228,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for CountWrites<I> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            this.written.inc_by(n as u64);
+            this.count(n);
         }
         r
     }
@@ -168,7 +241,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for CountWrites<I> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r {
-            this.written.inc_by(n as u64);
+            this.count(n);
         }
         r
     }
