@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod client;
+mod declared;
 pub mod detect;
 pub mod http;
 pub mod tcp;
@@ -238,6 +239,8 @@ pub struct Proxy {
     defaults: PolicySpec,
     detect_timeout: Duration,
     server_first_ports: Vec<u16>,
+    /// `detect.opaque_ports` and `detect.server_first_ports` (see [`Proxy::declared_protocol`]).
+    opaque_ports: crate::discovery::PortSet,
     outbound: Mutex<HashMap<ServiceRef, Arc<Target>>>,
     inbound: Mutex<HashMap<u16, Arc<Target>>>,
     passthrough: Arc<Target>,
@@ -304,6 +307,7 @@ impl Proxy {
             defaults: config.defaults.clone(),
             detect_timeout: config.detect.timeout.0,
             server_first_ports: config.detect.server_first_ports.clone(),
+            opaque_ports: declared::opaque_ports(config),
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
             passthrough,
