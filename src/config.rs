@@ -308,6 +308,10 @@ pub struct StaticService {
     /// This service's policy keys, over `defaults`.
     #[serde(default)]
     pub policy: crate::policy::PolicySpec,
+    /// The protocol the service speaks (`http1`, `http2`, `opaque`): detection is skipped.
+    /// Absent: detected on each connection.
+    #[serde(default)]
+    pub protocol: Option<crate::discovery::DeclaredProtocol>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -317,6 +321,9 @@ pub struct DetectConfig {
     pub timeout: Dur,
     /// Destination ports whose server speaks first: no detection, opaque TCP at once.
     pub server_first_ports: Vec<u16>,
+    /// Destination ports (and ranges) proxied as opaque TCP without detection, outbound and
+    /// inbound; the pod's `meshlet.dev/opaque-ports` (`MESHLET_OPAQUE_PORTS`) adds to it.
+    pub opaque_ports: crate::discovery::PortSet,
 }
 
 impl Default for DetectConfig {
@@ -324,6 +331,7 @@ impl Default for DetectConfig {
         DetectConfig {
             timeout: Dur(Duration::from_millis(300)),
             server_first_ports: DEFAULT_SERVER_FIRST_PORTS.to_vec(),
+            opaque_ports: crate::discovery::PortSet::default(),
         }
     }
 }

@@ -110,8 +110,9 @@ fn proxy(path: Option<PathBuf>, log_json: bool, sidecar: bool) -> ExitCode {
         }
         Some(other) => Some(other.to_string()),
     };
-    // Inbound limits from the pod's annotations, which the injector passes as MESHLET_* env.
-    let pod_errors = meshlet::pod::apply_inbound_limits(&mut config, |k| std::env::var(k).ok());
+    // Inbound limits and opaque ports from the pod's annotations, which the injector passes as
+    // MESHLET_* env.
+    let pod_errors = meshlet::pod::apply(&mut config, |k| std::env::var(k).ok());
     let app_probes = match app_probes() {
         Ok(p) => p,
         Err(e) => {

@@ -14,6 +14,40 @@ pub const POD_ENV: &[(&str, &str)] = &[
     ("meshlet.dev/rate-limit-burst", "MESHLET_RATE_LIMIT_BURST"),
 ];
 
+/// The pod's (or its namespace's) `meshlet.dev/opaque-ports`, as the injector passes it.
+pub const OPAQUE_PORTS: (&str, &str) = ("meshlet.dev/opaque-ports", "MESHLET_OPAQUE_PORTS");
+
+/// Every pod setting carried in the environment: the inbound limits and the opaque ports.
+/// Returns the values that could not be used.
+pub fn apply(config: &mut Config, get: impl Fn(&str) -> Option<String>) -> Vec<AnnotationError> {
+    let mut errors = apply_inbound_limits(config, &get);
+    errors.extend(apply_opaque_ports(config, &get));
+    errors
+}
+
+/// Adds the ports of `MESHLET_OPAQUE_PORTS` (ports and ranges, `5432,8000-8010`) to
+/// `detect.opaque_ports`; a bad list is reported whole and none of it is used.
+pub fn apply_opaque_ports(
+    config: &mut Config,
+    get: impl Fn(&str) -> Option<String>,
+) -> Vec<AnnotationError> {
+    let (annotation, var) = OPAQUE_PORTS;
+    let Some(value) = get(var) else {
+        return Vec::new();
+    };
+    match crate::discovery::PortSet::parse(&value) {
+        Ok(ports) => {
+            config.detect.opaque_ports.extend(&ports);
+            Vec::new()
+        }
+        Err(why) => vec![AnnotationError {
+            key: annotation.to_string(),
+            value,
+            error: format!("not a comma-separated list of ports and ranges: {why}"),
+        }],
+    }
+}
+
 /// Applies the pod's inbound limits from `get(env var)` to the config's `inbound` section
 /// (when there is one); returns the values that could not be used.
 pub fn apply_inbound_limits(
@@ -81,6 +115,30 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].key, "meshlet.dev/rate-limit");
         assert_eq!(errors[0].value, "fast");
+    }
+
+    #[test]
+    fn opaque_ports_add_to_the_file_and_a_bad_list_is_reported() {
+        let mut c = Config::parse("c.yaml", "detect:\n  opaque_ports: [5432]\n").unwrap();
+        let errors = apply(&mut c, env(&[("MESHLET_OPAQUE_PORTS", "6379, 8000-8010")]));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(c.detect.opaque_ports.to_string(), "5432,6379,8000-8010");
+
+        let mut c = Config::parse("c.yaml", "detect:\n  opaque_ports: [5432]\n").unwrap();
+        let errors = apply(&mut c, env(&[("MESHLET_OPAQUE_PORTS", "6379,db")]));
+        assert_eq!(
+            c.detect.opaque_ports.to_string(),
+            "5432",
+            "the file's stays"
+        );
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].key, "meshlet.dev/opaque-ports");
+        assert_eq!(errors[0].value, "6379,db");
+        assert!(
+            errors[0].error.contains("\"db\" is not a port"),
+            "{}",
+            errors[0].error
+        );
     }
 
     #[test]

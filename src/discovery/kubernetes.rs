@@ -1,10 +1,11 @@
 //! Kubernetes discovery with kube-rs's runtime watcher.
 //!
 //! Watch scope, chosen for a sidecar in every pod of a large cluster:
-//! - **Services, cluster-wide, reduced on arrival** to what routing needs (cluster IPs, ports and
-//!   their names, type). An app may call any ClusterIP, so the proxy must recognise all of them;
-//!   Services are few next to endpoints and change rarely, and only a few hundred bytes per
-//!   Service are kept (the watcher keeps no object store of its own here).
+//! - **Services, cluster-wide, reduced on arrival** to what routing needs (cluster IPs, ports,
+//!   their names and declared protocols, type). An app may call any ClusterIP, so the proxy
+//!   must recognise all of them; Services are few next to endpoints and change rarely, and only
+//!   a few hundred bytes per Service are kept (the watcher keeps no object store of its own
+//!   here).
 //! - **EndpointSlices only of the services this pod talks to**, watched by the
 //!   `kubernetes.io/service-name` label in the service's namespace from the first connection
 //!   (or at startup for services named in the config). A pod never holds the endpoints of the
@@ -27,7 +28,7 @@ use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{mpsc, watch};
 
-use super::{Change, Resolve, ServiceRef, Update, UpdateStream};
+use super::{Change, DeclaredProtocol, Resolve, ServiceRef, Update, UpdateStream};
 use crate::config::ServiceName;
 use crate::metrics::Metrics;
 use crate::policy::{AnnotationError, PolicySpec};
@@ -37,8 +38,8 @@ use crate::readiness::{Readiness, lock};
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceInfo {
     pub cluster_ips: Vec<IpAddr>,
-    /// (service port, port name; "" when unnamed), TCP ports only.
-    pub ports: Vec<(u16, String)>,
+    /// The TCP ports.
+    pub ports: Vec<PortInfo>,
     /// `ClusterIP: None`: clients connect to pod IPs directly; nothing to balance.
     pub headless: bool,
     /// `type: ExternalName`: a DNS alias with no cluster IP; nothing to balance.
@@ -71,10 +72,12 @@ impl ServiceInfo {
             .flatten()
             .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
             .filter_map(|p| {
-                Some((
-                    u16::try_from(p.port).ok()?,
-                    p.name.clone().unwrap_or_default(),
-                ))
+                let name = p.name.clone().unwrap_or_default();
+                Some(PortInfo {
+                    port: u16::try_from(p.port).ok()?,
+                    protocol: DeclaredProtocol::of_service_port(p.app_protocol.as_deref(), &name),
+                    name,
+                })
             })
             .collect();
         let (policy, policy_errors) = svc
@@ -96,19 +99,31 @@ impl ServiceInfo {
         ))
     }
 
-    /// The port name of a service port; `None` when the service has no such port. A reference
-    /// without a port means the service's only port.
-    pub fn port_name(&self, port: Option<u16>) -> Option<&str> {
+    /// A service port; `None` when the service has no such port. A reference without a port
+    /// means the service's only port.
+    pub fn port(&self, port: Option<u16>) -> Option<&PortInfo> {
         match port {
-            Some(p) => self
-                .ports
-                .iter()
-                .find(|(n, _)| *n == p)
-                .map(|(_, name)| name.as_str()),
-            None if self.ports.len() == 1 => Some(self.ports[0].1.as_str()),
+            Some(p) => self.ports.iter().find(|i| i.port == p),
+            None if self.ports.len() == 1 => self.ports.first(),
             None => None,
         }
     }
+
+    /// The port name of a service port (see [`ServiceInfo::port`]).
+    pub fn port_name(&self, port: Option<u16>) -> Option<&str> {
+        self.port(port).map(|p| p.name.as_str())
+    }
+}
+
+/// What routing needs of a Service port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortInfo {
+    /// The service port.
+    pub port: u16,
+    /// The port's name; "" when unnamed.
+    pub name: String,
+    /// What the port declares it speaks (its `appProtocol`, else its name).
+    pub protocol: Option<DeclaredProtocol>,
 }
 
 /// An endpoint's conditions as EndpointSlices state them (with the API's defaults for unset
@@ -237,8 +252,8 @@ impl Index {
         let mut by_vip = HashMap::new();
         for (name, info) in &services {
             for ip in &info.cluster_ips {
-                for (port, _) in &info.ports {
-                    by_vip.insert(SocketAddr::new(*ip, *port), (name.clone(), *port));
+                for p in &info.ports {
+                    by_vip.insert(SocketAddr::new(*ip, p.port), (name.clone(), p.port));
                 }
             }
         }
@@ -249,19 +264,27 @@ impl Index {
     fn upsert(&mut self, name: ServiceName, info: ServiceInfo) {
         self.remove(&name);
         for ip in &info.cluster_ips {
-            for (port, _) in &info.ports {
+            for p in &info.ports {
                 self.by_vip
-                    .insert(SocketAddr::new(*ip, *port), (name.clone(), *port));
+                    .insert(SocketAddr::new(*ip, p.port), (name.clone(), p.port));
             }
         }
         self.services.insert(name, info);
     }
 
+    /// The protocol a service port declares.
+    fn protocol(&self, service: &ServiceRef) -> Option<DeclaredProtocol> {
+        self.services
+            .get(&service.name)?
+            .port(service.port)?
+            .protocol
+    }
+
     fn remove(&mut self, name: &ServiceName) {
         if let Some(old) = self.services.remove(name) {
             for ip in &old.cluster_ips {
-                for (port, _) in &old.ports {
-                    self.by_vip.remove(&SocketAddr::new(*ip, *port));
+                for p in &old.ports {
+                    self.by_vip.remove(&SocketAddr::new(*ip, p.port));
                 }
             }
         }
@@ -562,6 +585,13 @@ impl Resolve for Arc<KubeResolver> {
         })
     }
 
+    /// One read of the index (the lock `lookup` takes; writers hold it only to apply a Service
+    /// change) and a hash lookup; no allocation.
+    fn protocol(&self, service: &ServiceRef) -> Option<DeclaredProtocol> {
+        let idx = self.index.read().unwrap_or_else(|e| e.into_inner());
+        idx.protocol(service)
+    }
+
     fn resolve(&self, target: &ServiceRef) -> UpdateStream {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(self.clone().watch_slices(target.clone(), tx));
@@ -683,6 +713,71 @@ mod tests {
         assert_eq!(idx.by_vip.len(), 1);
         idx.remove(&n);
         assert!(idx.by_vip.is_empty() && idx.services.is_empty());
+    }
+
+    #[test]
+    fn declared_protocols_of_service_ports() {
+        // (port, name, appProtocol)
+        let ports: &[(i32, &str, Option<&str>)] = &[
+            (80, "http-web", None),
+            (81, "http", Some("kubernetes.io/h2c")),
+            (82, "grpc", Some("example.com/custom")),
+            (83, "metrics", Some("TCP")),
+            (84, "web", None),
+            (85, "db", Some("postgresql")),
+        ];
+        let mut svc = service("198.19.0.10", &[]);
+        svc.spec.as_mut().unwrap().ports = Some(
+            ports
+                .iter()
+                .map(|(p, n, a)| ServicePort {
+                    port: *p,
+                    name: Some(n.to_string()),
+                    app_protocol: a.map(str::to_string),
+                    ..Default::default()
+                })
+                .chain(std::iter::once(ServicePort {
+                    port: 86,
+                    name: Some("udp-dns".into()),
+                    protocol: Some("UDP".into()),
+                    app_protocol: Some("tcp".into()),
+                    ..Default::default()
+                }))
+                .collect(),
+        );
+        let (n, info) = ServiceInfo::from_service(&svc).unwrap();
+        let idx = Index::rebuild([(n.clone(), info)].into_iter().collect());
+        let at = |port: Option<u16>| {
+            idx.protocol(&ServiceRef {
+                name: n.clone(),
+                port,
+            })
+        };
+        assert_eq!(at(Some(80)), Some(DeclaredProtocol::Http1), "by name");
+        assert_eq!(
+            at(Some(81)),
+            Some(DeclaredProtocol::Http2),
+            "appProtocol wins"
+        );
+        assert_eq!(
+            at(Some(82)),
+            Some(DeclaredProtocol::Http2),
+            "unknown appProtocol: the name"
+        );
+        assert_eq!(at(Some(83)), Some(DeclaredProtocol::Opaque));
+        assert_eq!(at(Some(84)), None, "nothing declared: detect");
+        assert_eq!(at(Some(85)), Some(DeclaredProtocol::Opaque));
+        assert_eq!(at(Some(86)), None, "UDP ports are not proxied");
+        assert_eq!(at(None), None, "several ports: a port must be named");
+        let other = ServiceRef::parse("api.prod:80").unwrap();
+        assert_eq!(idx.protocol(&other), None, "unknown service");
+
+        // A single-port Service: a reference without a port means that port.
+        let mut one = service("198.19.0.11", &[(9090, "grpc-api")]);
+        one.metadata.name = Some("api".into());
+        let (n, info) = ServiceInfo::from_service(&one).unwrap();
+        let idx = Index::rebuild([(n.clone(), info)].into_iter().collect());
+        assert_eq!(idx.protocol(&n.into()), Some(DeclaredProtocol::Http2));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! for live updates.
 
 pub mod kubernetes;
+pub mod protocol;
 pub mod static_list;
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::pin::Pin;
 use futures_util::Stream;
 
 pub use crate::config::ServiceRef;
+pub use protocol::{DeclaredProtocol, PortSet};
 
 /// One change to a service's endpoint set. The value is empty for now; per-endpoint metadata
 /// (zone, weight) can travel here later without changing the balancer's shape.
@@ -38,6 +40,15 @@ pub trait Resolve: Send + Sync + 'static {
 
     /// A live stream of the service's endpoint changes.
     fn resolve(&self, service: &ServiceRef) -> UpdateStream;
+
+    /// The protocol the service (port) declares, if it declares one: a Service port's
+    /// `appProtocol` or name, a static service's `protocol:`. `None`: detect. A reference
+    /// without a port means the service's only port. Called once per connection, after
+    /// [`Resolve::lookup`]: it must not allocate, and may take only the read lock `lookup`
+    /// takes.
+    fn protocol(&self, _service: &ServiceRef) -> Option<DeclaredProtocol> {
+        None
+    }
 
     /// Lines worth showing in `/ready`'s detail (for example a stale watch).
     fn detail(&self) -> Vec<String> {
@@ -67,6 +78,13 @@ impl Resolve for Chain {
         match &self.then {
             Some(k) if !self.first.has(service) => k.resolve(service),
             _ => self.first.resolve(service),
+        }
+    }
+
+    fn protocol(&self, service: &ServiceRef) -> Option<DeclaredProtocol> {
+        match self.first.declared(service) {
+            Some(p) => p,
+            None => self.then.as_ref().and_then(|k| k.protocol(service)),
         }
     }
 

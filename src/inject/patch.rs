@@ -142,8 +142,12 @@ pub fn inject(pod: &Pod, namespace: Option<&Namespace>, cfg: &InjectConfig) -> O
     }
 
     let pod_json = serde_json::to_value(pod).unwrap_or(Value::Null);
+    let ns_ann = namespace
+        .map(|n| annotations_of(&n.metadata))
+        .unwrap_or_default();
     let mut b = Builder {
         ann: &ann,
+        ns_ann: &ns_ann,
         warnings: Vec::new(),
     };
     let mut ops = Vec::new();
@@ -305,6 +309,8 @@ fn unresolved_named_port(probe: &Map<String, Value>, ports: &Map<String, Value>)
 
 struct Builder<'a> {
     ann: &'a BTreeMap<String, String>,
+    /// The namespace's annotations, for the keys a namespace may set for all its pods.
+    ns_ann: &'a BTreeMap<String, String>,
     warnings: Vec<String>,
 }
 
@@ -325,6 +331,43 @@ impl Builder<'_> {
             Err(why) => {
                 self.warnings.push(format!(
                     "annotation {key}: {v:?} {why}; the default is used"
+                ));
+                None
+            }
+        }
+    }
+
+    /// A key a namespace may set for all its pods: the pod's valid value, else the namespace's
+    /// valid value (each bad one is a warning naming where it is set).
+    fn valid_pod_or_namespace(
+        &mut self,
+        key: &str,
+        check: impl Fn(&str) -> Result<(), String>,
+    ) -> Option<String> {
+        let ns = self
+            .ns_ann
+            .get(key)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty());
+        if let Some(v) = self.get(key) {
+            match check(&v) {
+                Ok(()) => return Some(v),
+                Err(why) => self.warnings.push(format!(
+                    "annotation {key}: {v:?} {why}; {}",
+                    if ns.is_some() {
+                        "the namespace's value is used"
+                    } else {
+                        "the default is used"
+                    }
+                )),
+            }
+        }
+        let v = ns?;
+        match check(&v) {
+            Ok(()) => Some(v),
+            Err(why) => {
+                self.warnings.push(format!(
+                    "namespace annotation {key}: {v:?} {why}; the default is used"
                 ));
                 None
             }
@@ -437,6 +480,11 @@ impl Builder<'_> {
             if let Some(v) = self.valid(key, check) {
                 env.push(json!({"name": var, "value": v}));
             }
+        }
+        // Opaque ports: the pod's, else its namespace's.
+        let (key, var) = crate::pod::OPAQUE_PORTS;
+        if let Some(v) = self.valid_pod_or_namespace(key, check_ports) {
+            env.push(json!({"name": var, "value": normalize_list(&v)}));
         }
         if !app_probes.is_empty() {
             let text = serde_json::to_string(app_probes).unwrap_or_default();
@@ -779,6 +827,64 @@ mod tests {
         );
         let env = proxy["env"].as_array().unwrap();
         assert!(!env.iter().any(|e| e["name"] == "MESHLET_RATE_LIMIT"));
+    }
+
+    #[test]
+    fn opaque_ports_from_the_pod_else_the_namespace() {
+        let ns = |v: &str| -> Namespace {
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: n, annotations: {{meshlet.dev/inject: enabled, \
+                 meshlet.dev/opaque-ports: {v:?}}}}}"
+            ))
+            .unwrap()
+        };
+        let pod_with = |v: Option<&str>| {
+            pod(&format!(
+                "metadata: {{name: p, annotations: {{{}}}}}\nspec: {{containers: [{{name: app, image: x}}]}}",
+                v.map(|v| format!("meshlet.dev/opaque-ports: {v:?}"))
+                    .unwrap_or_default()
+            ))
+        };
+        let run = |p: &Pod, n: Option<&Namespace>| {
+            let Outcome::Patch(ops, warnings) = inject(p, n, &InjectConfig::default()) else {
+                panic!("not injected");
+            };
+            let env = ops[0]["value"][1]["env"].clone();
+            let value = env
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == "MESHLET_OPAQUE_PORTS")
+                .map(|e| e["value"].as_str().unwrap().to_string());
+            (value, warnings.join("\n"))
+        };
+        let (v, w) = run(&pod_with(None), Some(&ns("5432, 8000-8010")));
+        assert_eq!(v.as_deref(), Some("5432,8000-8010"), "{w}");
+        let (v, _) = run(&pod_with(Some("6379")), Some(&ns("5432")));
+        assert_eq!(v.as_deref(), Some("6379"), "the pod wins");
+        let (v, w) = run(&pod_with(Some("6379,db")), Some(&ns("5432")));
+        assert_eq!(
+            v.as_deref(),
+            Some("5432"),
+            "a bad pod value: the namespace's"
+        );
+        assert!(
+            w.contains("annotation meshlet.dev/opaque-ports: \"6379,db\"")
+                && w.contains("the namespace's value is used"),
+            "{w}"
+        );
+        let (v, w) = run(&pod_with(None), Some(&ns("99999")));
+        assert_eq!(v, None);
+        assert!(
+            w.contains("namespace annotation meshlet.dev/opaque-ports: \"99999\""),
+            "{w}"
+        );
+        let mut p = pod_with(None);
+        p.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(ANNOTATION_INJECT.into(), "enabled".into());
+        assert_eq!(run(&p, None).0, None);
     }
 
     /// The golden corpus: `tests/golden/inject/<name>.pod.yaml` (and an optional

@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod client;
+mod declared;
 pub mod detect;
 pub mod edge;
 pub mod http;
@@ -251,6 +252,8 @@ pub struct Proxy {
     detect: detect::Limits,
     http: edge::Settings,
     server_first_ports: Vec<u16>,
+    /// `detect.opaque_ports` and `detect.server_first_ports` (see [`Proxy::declared_protocol`]).
+    opaque_ports: crate::discovery::PortSet,
     outbound: Mutex<HashMap<ServiceRef, Arc<Target>>>,
     inbound: Mutex<HashMap<u16, Arc<Target>>>,
     passthrough: Arc<Target>,
@@ -324,6 +327,7 @@ impl Proxy {
             },
             http,
             server_first_ports: config.detect.server_first_ports.clone(),
+            opaque_ports: declared::opaque_ports(config),
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
             passthrough,
