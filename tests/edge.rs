@@ -620,3 +620,61 @@ async fn http2_header_lists_over_the_limit_never_reach_the_backend() {
         "the oversized header list reached the backend"
     );
 }
+
+/// meshlet in front of `endpoints` as `web.default`, the service declaring `protocol`.
+async fn meshlet_declared(endpoints: &[SocketAddr], protocol: &str) -> Meshlet {
+    let config = format!(
+        "admin:\n  listen: 127.0.0.1:0\nupstreams:\n  - listen: 127.0.0.1:0\n    service: web.default\ndiscovery:\n  static:\n    - service: web.default\n      protocol: {protocol}\n      endpoints: {}\nshutdown_grace: 5s\n",
+        yaml_list(endpoints)
+    );
+    Meshlet::start(&config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_protocols_skip_detection() {
+    let b = Echo::start().await;
+    let wait = Duration::from_secs(3);
+
+    // Declared HTTP: bytes that are not HTTP get an HTTP answer, never a byte pipe.
+    let m = meshlet_declared(&[b.addr], "http1").await;
+    let conns = b.conns();
+    let a = raw(m.upstream(0), b"hello there\r\n\r\n", wait).await;
+    assert_eq!(status_of(&a), 400, "{a}");
+    assert_eq!(b.conns(), conns);
+    // Both versions are served.
+    let c = H2Client::connect(m.upstream(0)).await.unwrap();
+    assert_eq!(c.get("/h2").await.unwrap().status, 200);
+    let mut c = H1Client::connect(m.upstream(0)).await.unwrap();
+    assert_eq!(c.get("/h1").await.unwrap().status, 200);
+    let text = m.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "meshlet_protocol_detect_total{direction=\"outbound\",result=\"declared\"}"
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    drop(m);
+
+    // Declared opaque: an HTTP request passes as bytes (the backend answers it itself; meshlet
+    // counts no request).
+    let m = meshlet_declared(&[b.addr], "opaque").await;
+    let a = raw(
+        m.upstream(0),
+        b"GET /raw HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        wait,
+    )
+    .await;
+    assert_eq!(status_of(&a), 200, "{a}");
+    let text = m.metrics().await;
+    assert!(!text.contains("meshlet_requests_total{"), "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "meshlet_connections_total{direction=\"outbound\",protocol=\"tcp\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}

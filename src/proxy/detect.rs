@@ -266,6 +266,33 @@ pub async fn detect_with<I: AsyncRead + Unpin>(
     }
 }
 
+/// For a connection declared HTTP: HTTP/2 when it opens with the preface, else HTTP/1 (the
+/// HTTP/1 server answers whatever it is). `None` when the preface did not complete within the
+/// header timeout.
+pub async fn detect_http_version<I: AsyncRead + Unpin>(
+    io: &mut I,
+    limits: &Limits,
+) -> io::Result<Option<(Protocol, BytesMut)>> {
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    let deadline = Instant::now() + limits.header_timeout;
+    loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if !buf.is_empty() && buf[..n] != H2_PREFACE[..n] {
+            return Ok(Some((Protocol::Http1, buf)));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some((Protocol::Http2, buf)));
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_) => return Ok(None),
+            Ok(Ok(0)) if buf.is_empty() => return Ok(None),
+            Ok(Ok(0)) => return Ok(Some((Protocol::Http1, buf))),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
 /// Reads from `io` until the protocol is known or `timeout` passes (then TCP), with the
 /// default head limit and the timeout as header timeout too. Returns the protocol and the
 /// bytes read, to be replayed.

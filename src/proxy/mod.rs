@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use crate::balance::{BalanceSettings, Balancer, Endpoint};
 use crate::config::{Config, ServiceRef};
-use crate::discovery::Resolve;
+use crate::discovery::{DeclaredProtocol, Resolve};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicySpec};
 use crate::readiness::{Readiness, lock};
@@ -251,7 +251,6 @@ pub struct Proxy {
     defaults: PolicySpec,
     detect: detect::Limits,
     http: edge::Settings,
-    server_first_ports: Vec<u16>,
     /// `detect.opaque_ports` and `detect.server_first_ports` (see [`Proxy::declared_protocol`]).
     opaque_ports: crate::discovery::PortSet,
     outbound: Mutex<HashMap<ServiceRef, Arc<Target>>>,
@@ -326,7 +325,6 @@ impl Proxy {
                 max_head: http.max_header_bytes,
             },
             http,
-            server_first_ports: config.detect.server_first_ports.clone(),
             opaque_ports: declared::opaque_ports(config),
             outbound: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
@@ -478,7 +476,8 @@ impl Proxy {
                         Listener::Inbound => this.inbound(stream, local).await,
                         Listener::Upstream(svc) => {
                             let t = this.service(&svc);
-                            this.detect_and_proxy(stream, &t, local, false).await
+                            let declared = this.declared_protocol(Some(&svc), None);
+                            this.detect_and_proxy(stream, &t, local, declared).await
                         }
                     }
                 }
@@ -530,7 +529,8 @@ impl Proxy {
             Some(svc) => {
                 let t = self.service(&svc);
                 tracing::debug!(%dst, service = %svc, "outbound");
-                self.detect_and_proxy(stream, &t, dst, true).await
+                let declared = self.declared_protocol(Some(&svc), Some(dst.port()));
+                self.detect_and_proxy(stream, &t, dst, declared).await
             }
             None => {
                 self.count_conn(Direction::Outbound, "passthrough");
@@ -551,7 +551,8 @@ impl Proxy {
             return;
         };
         let t = self.inbound_target(dst.port());
-        self.detect_and_proxy(stream, &t, dst, true).await
+        let declared = self.declared_protocol(None, Some(dst.port()));
+        self.detect_and_proxy(stream, &t, dst, declared).await
     }
 
     fn count_conn(&self, direction: Direction, protocol: &str) {
@@ -568,21 +569,66 @@ impl Proxy {
             .inc();
     }
 
-    /// Detects the protocol and proxies. `dst` is what the client connected to (the original
-    /// destination, or the explicit listener's address); `transparent` for redirected
-    /// connections, where server-speaks-first ports skip detection.
+    /// Detects the protocol (unless `declared`) and proxies. `dst` is what the client
+    /// connected to (the original destination, or the explicit listener's address).
     async fn detect_and_proxy(
         &self,
-        stream: TcpStream,
+        mut stream: TcpStream,
         t: &Arc<Target>,
         dst: SocketAddr,
-        transparent: bool,
+        declared: Option<DeclaredProtocol>,
     ) {
         let idle = self.http.stream_idle_timeout;
-        if transparent && self.server_first_ports.contains(&dst.port()) {
-            self.count_detect(t.direction, "declared");
-            self.count_conn(t.direction, Protocol::Tcp.as_str());
-            return tcp::proxy(t, stream, bytes::BytesMut::new(), idle).await;
+        match declared {
+            None => {}
+            Some(DeclaredProtocol::Opaque) => {
+                self.count_detect(t.direction, "declared");
+                self.count_conn(t.direction, Protocol::Tcp.as_str());
+                return tcp::proxy(t, stream, bytes::BytesMut::new(), idle).await;
+            }
+            Some(DeclaredProtocol::Http2) => {
+                self.count_detect(t.direction, "declared");
+                self.count_conn(t.direction, Protocol::Http2.as_str());
+                let io = PrefixedIo::new(bytes::BytesMut::new(), stream);
+                let conn = edge::ConnState::new(dst, self.http);
+                let now = tokio::time::Instant::now();
+                return serve_http(
+                    io,
+                    Protocol::Http2,
+                    t.clone(),
+                    self.drain.clone(),
+                    conn,
+                    now,
+                )
+                .await;
+            }
+            Some(DeclaredProtocol::Http1) => {
+                // HTTP of either version, never opaque: a silent client is an HTTP client
+                // that connected ahead of use, and bytes that are not HTTP get an HTTP error.
+                self.count_detect(t.direction, "declared");
+                match tokio::time::timeout(idle, first_byte(&stream)).await {
+                    Ok(Ok(true)) => {}
+                    _ => return,
+                }
+                let first = tokio::time::Instant::now();
+                let (proto, prefix) =
+                    match detect::detect_http_version(&mut stream, &self.detect).await {
+                        Ok(Some(d)) => d,
+                        Ok(None) => {
+                            let _ = write_and_close(
+                                &mut stream,
+                                &edge::timeout_response(self.http.header_timeout),
+                            )
+                            .await;
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                self.count_conn(t.direction, proto.as_str());
+                let io = PrefixedIo::new(prefix, stream);
+                let conn = edge::ConnState::new(dst, self.http);
+                return serve_http(io, proto, t.clone(), self.drain.clone(), conn, first).await;
+            }
         }
         // Wait for the first bytes without holding a buffer: idle connections stay cheap.
         match tokio::time::timeout(self.detect.timeout, first_byte(&stream)).await {
@@ -624,11 +670,7 @@ impl Proxy {
                 let rsp = "HTTP/1.1 505 HTTP Version Not Supported\r\nconnection: close\r\n\
                            content-length: 0\r\nmeshlet-error: only HTTP/1.x request lines \
                            are supported (HTTP/2 starts with its connection preface)\r\n\r\n";
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    let _ = stream.write_all(rsp.as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                })
-                .await;
+                write_and_close(&mut stream, rsp).await;
                 return;
             }
             detect::Outcome::Is(p) => p,
@@ -638,11 +680,10 @@ impl Proxy {
                 }
                 self.count_conn(t.direction, Protocol::Http1.as_str());
                 tracing::debug!("request line not received within http.header_timeout");
-                let rsp = edge::timeout_response(self.http.header_timeout);
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    let _ = stream.write_all(rsp.as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                })
+                write_and_close(
+                    &mut stream,
+                    &edge::timeout_response(self.http.header_timeout),
+                )
                 .await;
                 return;
             }
@@ -785,6 +826,15 @@ async fn serve_http<I>(
     if let Err(error) = result {
         tracing::debug!(%error, "http connection ended with an error");
     }
+}
+
+/// Writes meshlet's own short answer (a 408 or 505) and closes, within a second.
+async fn write_and_close(stream: &mut TcpStream, answer: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// Waits until `stream` has a byte to read (true) or its peer closed (false), without reading
