@@ -678,3 +678,20 @@ async fn declared_protocols_skip_detection() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_size_limit_is_exact() {
+    let b = Echo::start().await;
+    let m = meshlet(&[b.addr], "http:\n  max_header_bytes: 16384\n").await;
+    let head = |total: usize| {
+        let fixed = "GET /exact HTTP/1.1\r\nhost: web.default\r\nconnection: close\r\nx-pad: \r\n\r\n";
+        let pad = "p".repeat(total - fixed.len());
+        format!("GET /exact HTTP/1.1\r\nhost: web.default\r\nconnection: close\r\nx-pad: {pad}\r\n\r\n")
+    };
+    for (total, want) in [(16384, 200), (16385, 431), (16000, 200), (17000, 431)] {
+        let req = head(total);
+        assert_eq!(req.len(), total);
+        let a = raw(m.upstream(0), req.as_bytes(), Duration::from_secs(3)).await;
+        assert_eq!(status_of(&a), want, "a head of {total} bytes: {}", &a[..a.len().min(120)]);
+    }
+}
