@@ -684,14 +684,52 @@ async fn the_head_size_limit_is_exact() {
     let b = Echo::start().await;
     let m = meshlet(&[b.addr], "http:\n  max_header_bytes: 16384\n").await;
     let head = |total: usize| {
-        let fixed = "GET /exact HTTP/1.1\r\nhost: web.default\r\nconnection: close\r\nx-pad: \r\n\r\n";
+        let fixed =
+            "GET /exact HTTP/1.1\r\nhost: web.default\r\nconnection: close\r\nx-pad: \r\n\r\n";
         let pad = "p".repeat(total - fixed.len());
-        format!("GET /exact HTTP/1.1\r\nhost: web.default\r\nconnection: close\r\nx-pad: {pad}\r\n\r\n")
+        format!(
+            "GET /exact HTTP/1.1\r\nhost: web.default\r\nconnection: close\r\nx-pad: {pad}\r\n\r\n"
+        )
     };
     for (total, want) in [(16384, 200), (16385, 431), (16000, 200), (17000, 431)] {
         let req = head(total);
         assert_eq!(req.len(), total);
         let a = raw(m.upstream(0), req.as_bytes(), Duration::from_secs(3)).await;
-        assert_eq!(status_of(&a), want, "a head of {total} bytes: {}", &a[..a.len().min(120)]);
+        assert_eq!(
+            status_of(&a),
+            want,
+            "a head of {total} bytes: {}",
+            &a[..a.len().min(120)]
+        );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_get_goaway_after_the_idle_timeout() {
+    let b = Echo::start().await;
+    let m = meshlet(&[b.addr], "http:\n  idle_timeout: 1s\n").await;
+    let stream = TcpStream::connect(m.upstream(0)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    // Busy for 2 s: a request every 300 ms keeps it open.
+    for _ in 0..7 {
+        let req = Request::get("http://web.default/")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let rsp = sender.send_request(req).await.unwrap();
+        assert_eq!(rsp.status(), 200);
+        rsp.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("meshlet ends the idle connection")
+        .unwrap()
+        .expect("a graceful end (GOAWAY), not an error");
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(500), "closed after {took:?}");
 }

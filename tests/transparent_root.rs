@@ -255,3 +255,70 @@ async fn redirect_loop_to_the_listener_is_refused_and_counted() {
         .unwrap();
     assert_eq!(a.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirected_silent_and_unusual_http_clients_stay_http() {
+    if !can_run(
+        "redirected_silent_and_unusual_http_clients_stay_http",
+        Family::V4,
+    ) {
+        return;
+    }
+    let ns = create_netns(&BACKEND_ADDRS[..2]);
+    let backends = backends(&ns, &BACKEND_ADDRS[..2]).await;
+    let eps: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let _meshlet = MeshletProcess::start(&ns, &config(&eps)).await;
+    let vip: SocketAddr = VIP.parse().unwrap();
+
+    // A client that connects ahead of use (as Go's net/http does) and is silent for longer
+    // than detect.timeout (100ms here) is still HTTP: every request is its own.
+    let s = ns.connect(vip).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let mut c = H1Client::over(s).await.unwrap();
+    for i in 0..10 {
+        let a = tokio::time::timeout(STEP, c.get(&format!("/late/{i}")))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        assert_eq!(a.status, 200, "{}", a.body_text());
+        assert_eq!(a.header("x-path").unwrap(), format!("/late/{i}"));
+    }
+
+    // A request line ended by a bare LF is HTTP too, not opaque bytes.
+    let mut s = ns.connect(vip).await.unwrap();
+    s.write_all(b"GET /lf HTTP/1.1\nhost: web.default\nconnection: close\n\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(STEP, s.read_to_string(&mut answer))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let text = ns.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"meshlet_requests_total{direction="outbound",service="web.default",status="200"}"#
+        ),
+        Some(11.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"meshlet_protocol_detect_total{direction="outbound",result="timeout"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            r#"meshlet_connections_total{direction="outbound",protocol="tcp"}"#
+        )
+        .is_none(),
+        "{text}"
+    );
+}
