@@ -131,16 +131,22 @@ async fn meshlet(endpoints: &[SocketAddr], extra: &str) -> Meshlet {
     Meshlet::start(&config).await
 }
 
-/// Keeps GETting on one keep-alive connection until told to stop: (ok, total).
-fn good_client(
-    addr: SocketAddr,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<(usize, usize)> {
+/// What a well-behaved client saw.
+struct Seen {
+    ok: usize,
+    total: usize,
+    p99: Duration,
+}
+
+/// Keeps GETting on one keep-alive connection until told to stop.
+fn good_client(addr: SocketAddr, stop: Arc<std::sync::atomic::AtomicBool>) -> tokio::task::JoinHandle<Seen> {
     tokio::spawn(async move {
         let mut c = H1Client::connect(addr).await.unwrap();
         let (mut ok, mut total) = (0, 0);
+        let mut times = Vec::new();
         while !stop.load(Ordering::SeqCst) {
             total += 1;
+            let start = Instant::now();
             match c.get("/").await {
                 Ok(a) if a.status == 200 => ok += 1,
                 Ok(a) => eprintln!("good client got {} {}", a.status, a.body_text()),
@@ -149,10 +155,39 @@ fn good_client(
                     c = H1Client::connect(addr).await.unwrap();
                 }
             }
+            times.push(start.elapsed());
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        (ok, total)
+        times.sort();
+        let p99 = times.get(times.len() * 99 / 100).copied().unwrap_or_default();
+        Seen { ok, total, p99 }
     })
+}
+
+/// The well-behaved client's p99 without the bad one: 300 ms of requests.
+async fn baseline(addr: SocketAddr) -> Seen {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let c = good_client(addr, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    c.await.unwrap()
+}
+
+/// All answered 200, with a p99 within a generous bound of the baseline's (the machine may be
+/// loaded: this catches a bad client stalling others, not a few milliseconds).
+fn assert_unharmed(with: &Seen, without: &Seen) {
+    println!(
+        "well-behaved client: {}/{} ok, p99 {:?} (without the bad client: {:?})",
+        with.ok, with.total, with.p99, without.p99
+    );
+    assert_eq!(with.ok, with.total, "the well-behaved client failed {} of {}", with.total - with.ok, with.total);
+    assert!(with.total > 10, "the well-behaved client sent only {}", with.total);
+    assert!(
+        with.p99 <= without.p99 * 10 + Duration::from_millis(100),
+        "p99 {:?} with the bad client, {:?} without",
+        with.p99,
+        without.p99
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,6 +200,7 @@ async fn broken_uploads_are_the_clients_fault_and_eject_nobody() {
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let m = meshlet(&addrs, "").await;
     let addr = m.upstream(0);
+    let without = baseline(addr).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let good = good_client(addr, stop.clone());
 
@@ -204,7 +240,7 @@ async fn broken_uploads_are_the_clients_fault_and_eject_nobody() {
         }
     }
     stop.store(true, Ordering::SeqCst);
-    let (ok, total) = good.await.unwrap();
+    let with = good.await.unwrap();
     for (status, answer) in &statuses {
         assert!(
             *status == 400 || *status == 0,
@@ -218,13 +254,7 @@ async fn broken_uploads_are_the_clients_fault_and_eject_nobody() {
             .any(|(s, a)| *s == 400 && a.contains("meshlet-error")),
         "no 400 with a reason among {statuses:?}"
     );
-    assert_eq!(
-        ok,
-        total,
-        "the well-behaved client failed {} of {total}",
-        total - ok
-    );
-    assert!(total > 10, "the well-behaved client sent only {total}");
+    assert_unharmed(&with, &without);
     let text = m.metrics().await;
     assert!(
         !text.contains("transition=\"ejected\""),
@@ -379,6 +409,7 @@ async fn slow_heads_get_408_and_never_an_upstream_connection() {
     let b = Echo::start().await;
     let m = meshlet(&[b.addr], "http:\n  header_timeout: 1s\n").await;
     let addr = m.upstream(0);
+    let without = baseline(addr).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let good = good_client(addr, stop.clone());
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -418,8 +449,7 @@ async fn slow_heads_get_408_and_never_an_upstream_connection() {
         assert!(took < Duration::from_secs(4), "408 after {took:?}");
     }
     stop.store(true, Ordering::SeqCst);
-    let (ok, total) = good.await.unwrap();
-    assert_eq!(ok, total);
+    assert_unharmed(&good.await.unwrap(), &without);
     // The good client's one connection; none for the slow clients.
     assert_eq!(
         b.conns(),
