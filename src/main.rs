@@ -194,8 +194,9 @@ fn fatal(message: &str) {
     }
 }
 
-/// The tokio runtime. tokio panics when the OS refuses a worker thread (a container's pid or
-/// memory limit); that is turned into an error here, so that it is reported like any other.
+/// The tokio runtime. tokio panics when the OS refuses it a thread before it has any (a
+/// container's pid or memory limit already reached); that is turned into an error here, so
+/// that it is reported like any other.
 fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let build = move || {
         if workers == 1 {
