@@ -2,7 +2,9 @@
 //! unknown keys rejected, and every error naming the file, the key path and the value.
 //!
 //! Parsing happens in two steps: serde (with `serde_path_to_error`, so a bad value is reported
-//! at its key path) and then [`Config::validate`] for the rules that span several keys.
+//! at its key path) and then [`Config::validate`] for each key's range ([`Bound`]: values that
+//! parse but would crash or misbehave, such as a zero timeout or a duration so long that the
+//! clock arithmetic overflows) and the rules that span several keys.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -406,6 +408,7 @@ pub const POSITIVE_DURATION: Bound = Bound::Duration {
     positive: true,
     max: MAX_DURATION,
 };
+
 /// A config key with a range.
 #[derive(Debug, Clone, Copy)]
 pub struct Ranged {
