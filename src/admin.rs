@@ -83,6 +83,9 @@ impl Admin {
                     }
                 },
             };
+            // An IPv4 client of a dual-stack `[::]` listener as the IPv4 address it is (so
+            // that 127.0.0.1 is loopback).
+            let peer = crate::socket::canonical(peer);
             let this = self.clone();
             let stop = stop.clone();
             tokio::spawn(async move {

@@ -206,7 +206,9 @@ impl App {
             outage_grace: self.config.health.outage_grace.0,
         });
         let grpc_task = self.grpc_listener.take().map(|l| {
-            tracing::info!(address = ?l.local_addr().ok(), "gRPC health listening");
+            let address = l.local_addr().ok();
+            let families = address.map(socket::families);
+            tracing::info!(?address, families, "gRPC health listening");
             tokio::spawn(crate::health::grpc::serve(
                 admin.clone(),
                 l,
@@ -217,10 +219,17 @@ impl App {
 
         let mut servers = Vec::new();
         for (kind, l) in self.listeners {
-            tracing::info!(listener = ?kind, address = ?l.local_addr().ok(), "listening");
+            let address = l.local_addr().ok();
+            let families = address.map(socket::families);
+            tracing::info!(listener = ?kind, ?address, families, "listening");
             servers.push(tokio::spawn(proxy.clone().serve(l, kind)));
         }
-        tracing::info!(admin = %self.addresses.admin, version = crate::VERSION, "meshlet proxy started");
+        tracing::info!(
+            admin = %self.addresses.admin,
+            families = socket::families(self.addresses.admin),
+            version = crate::VERSION,
+            "meshlet proxy started"
+        );
 
         self.shutdown.cancelled().await;
         let grace = self.config.shutdown_grace.0;

@@ -2,7 +2,9 @@
 //! unknown keys rejected, and every error naming the file, the key path and the value.
 //!
 //! Parsing happens in two steps: serde (with `serde_path_to_error`, so a bad value is reported
-//! at its key path) and then [`Config::validate`] for the rules that span several keys.
+//! at its key path) and then [`Config::validate`] for each key's range ([`Bound`]: values that
+//! parse but would crash or misbehave, such as a zero timeout or a duration so long that the
+//! clock arithmetic overflows) and the rules that span several keys.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -408,6 +410,250 @@ pub enum LogFormat {
     Json,
 }
 
+// ===== allowed ranges =====
+
+/// The longest duration any key takes: one year (`1y`, 365.25 days as humantime counts it).
+/// Far beyond any useful timeout, and well inside what `Instant + duration` and tokio's timer
+/// (about 2.2 years before it clamps) handle; a larger value would have no use but could
+/// overflow the clock arithmetic on the first connection.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+
+/// The most runtime worker threads (`workers`): more than any machine this runs on has cores,
+/// and few enough for the thread and memory limits of a container to allow.
+pub const MAX_WORKERS: u64 = 1024;
+
+/// The values one key allows. Each key's bound is defined once (the policy table, or the
+/// constants below for the other config keys) and used by the config file's validation and by
+/// the annotation parser alike, and its description is what the README's tables show.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Bound {
+    /// Any value that parses (the type itself says what is allowed).
+    Any,
+    /// A duration up to `max`; `positive`: zero is not allowed.
+    Duration { positive: bool, max: Duration },
+    /// A whole number from `min` to `max`.
+    Count { min: u64, max: u64 },
+    /// A number from `min` (excluded when `above`) to `max`, never NaN or infinite.
+    Number { min: f64, above: bool, max: f64 },
+    /// A size in bytes up to `max`.
+    Bytes { max: u64 },
+}
+
+/// Durations from 0 to [`MAX_DURATION`].
+pub const ANY_DURATION: Bound = Bound::Duration {
+    positive: false,
+    max: MAX_DURATION,
+};
+/// Durations above 0, up to [`MAX_DURATION`].
+pub const POSITIVE_DURATION: Bound = Bound::Duration {
+    positive: true,
+    max: MAX_DURATION,
+};
+
+/// A config key with a range.
+#[derive(Debug, Clone, Copy)]
+pub struct Ranged {
+    pub key: &'static str,
+    pub bound: Bound,
+}
+
+impl Ranged {
+    /// Checks a value; the error is `(key path, message)`.
+    pub fn check(&self, value: &impl InBounds) -> Result<(), (String, String)> {
+        value
+            .in_bounds(&self.bound)
+            .map_err(|m| (self.key.to_string(), m))
+    }
+}
+
+const fn ranged(key: &'static str, bound: Bound) -> Ranged {
+    Ranged { key, bound }
+}
+
+pub const SHUTDOWN_GRACE: Ranged = ranged("shutdown_grace", ANY_DURATION);
+pub const WORKERS: Ranged = ranged(
+    "workers",
+    Bound::Count {
+        min: 1,
+        max: MAX_WORKERS,
+    },
+);
+pub const SYNC_TIMEOUT: Ranged = ranged("discovery.sync_timeout", ANY_DURATION);
+pub const DETECT_TIMEOUT: Ranged = ranged("detect.timeout", POSITIVE_DURATION);
+pub const HTTP_MAX_HEADER_BYTES: Ranged = ranged(
+    "http.max_header_bytes",
+    Bound::Count {
+        min: 1024,
+        max: 16 * 1024 * 1024,
+    },
+);
+pub const HTTP_HEADER_TIMEOUT: Ranged = ranged("http.header_timeout", POSITIVE_DURATION);
+pub const HTTP_IDLE_TIMEOUT: Ranged = ranged("http.idle_timeout", POSITIVE_DURATION);
+pub const HTTP_STREAM_IDLE_TIMEOUT: Ranged = ranged("http.stream_idle_timeout", POSITIVE_DURATION);
+pub const DEFAULT_RTT: Ranged = ranged("balance.default_rtt", ANY_DURATION);
+pub const DECAY: Ranged = ranged("balance.decay", POSITIVE_DURATION);
+pub const HYSTERESIS: Ranged = ranged("health.hysteresis", ANY_DURATION);
+pub const OUTAGE_GRACE: Ranged = ranged("health.outage_grace", POSITIVE_DURATION);
+/// Also `meshlet.dev/concurrency-limit`.
+pub const CONCURRENCY_LIMIT: Ranged = ranged(
+    "inbound.concurrency_limit",
+    Bound::Count {
+        min: 1,
+        max: 1_000_000,
+    },
+);
+/// Requests per second; also `meshlet.dev/rate-limit`.
+pub const RATE_LIMIT: Ranged = ranged(
+    "inbound.rate_limit",
+    Bound::Number {
+        min: 0.0,
+        above: true,
+        max: 1e9,
+    },
+);
+/// Also `meshlet.dev/rate-limit-burst`.
+pub const RATE_LIMIT_BURST: Ranged = ranged(
+    "inbound.rate_limit_burst",
+    Bound::Count {
+        min: 1,
+        max: 1_000_000_000,
+    },
+);
+
+/// Every config key with a range besides the policy keys (`crate::policy::KEYS`) and the
+/// addresses and ports (checked in [`Config::validate`]).
+pub const RANGED: &[Ranged] = &[
+    SHUTDOWN_GRACE,
+    WORKERS,
+    SYNC_TIMEOUT,
+    DETECT_TIMEOUT,
+    HTTP_MAX_HEADER_BYTES,
+    HTTP_HEADER_TIMEOUT,
+    HTTP_IDLE_TIMEOUT,
+    HTTP_STREAM_IDLE_TIMEOUT,
+    DEFAULT_RTT,
+    DECAY,
+    HYSTERESIS,
+    OUTAGE_GRACE,
+    CONCURRENCY_LIMIT,
+    RATE_LIMIT,
+    RATE_LIMIT_BURST,
+];
+
+impl Bound {
+    /// The allowed range in words, as error messages and the README say it.
+    pub fn describe(&self) -> String {
+        let dur = |d: Duration| humantime::format_duration(d).to_string();
+        match *self {
+            Bound::Any => String::new(),
+            Bound::Duration {
+                positive: true,
+                max,
+            } => format!("above 0s, up to {}", dur(max)),
+            Bound::Duration { max, .. } => format!("0s to {}", dur(max)),
+            Bound::Count { min, max } => format!("{min} to {max}"),
+            Bound::Number {
+                min,
+                above: true,
+                max,
+            } => format!("above {min}, up to {max}"),
+            Bound::Number { min, max, .. } => format!("{min} to {max}"),
+            Bound::Bytes { max } => format!("0 to {}", bytes(max)),
+        }
+    }
+
+    fn refuse(&self, value: impl fmt::Display) -> String {
+        format!("{value} is out of range (allowed: {})", self.describe())
+    }
+
+    /// Checks a duration.
+    pub fn duration(&self, d: Duration) -> Result<(), String> {
+        match *self {
+            Bound::Duration { positive, max } if (positive && d.is_zero()) || d > max => {
+                Err(self.refuse(format_args!("\"{}\"", humantime::format_duration(d))))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a whole number.
+    pub fn count(&self, n: u64) -> Result<(), String> {
+        match *self {
+            Bound::Count { min, max } if n < min || n > max => Err(self.refuse(n)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a number (NaN and the infinities are never allowed).
+    pub fn number(&self, v: f64) -> Result<(), String> {
+        match *self {
+            Bound::Number { min, above, max } => {
+                let low_ok = if above { v > min } else { v >= min };
+                if low_ok && v <= max {
+                    Ok(())
+                } else {
+                    Err(self.refuse(v))
+                }
+            }
+            _ if v.is_finite() => Ok(()),
+            _ => Err(format!("{v} is not a finite number")),
+        }
+    }
+
+    /// Checks a size in bytes.
+    pub fn bytes(&self, n: u64) -> Result<(), String> {
+        match *self {
+            Bound::Bytes { max } if n > max => Err(self.refuse(format_args!("\"{}\"", bytes(n)))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A value checked against its key's [`Bound`]. Types whose parser already allows only valid
+/// values (enums, lists, shares) keep the default: anything is in bounds.
+pub trait InBounds {
+    fn in_bounds(&self, _bound: &Bound) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl InBounds for Dur {
+    fn in_bounds(&self, bound: &Bound) -> Result<(), String> {
+        bound.duration(self.0)
+    }
+}
+
+impl InBounds for u32 {
+    fn in_bounds(&self, bound: &Bound) -> Result<(), String> {
+        bound.count(u64::from(*self))
+    }
+}
+
+impl InBounds for usize {
+    fn in_bounds(&self, bound: &Bound) -> Result<(), String> {
+        bound.count(u64::try_from(*self).unwrap_or(u64::MAX))
+    }
+}
+
+impl InBounds for f64 {
+    fn in_bounds(&self, bound: &Bound) -> Result<(), String> {
+        bound.number(*self)
+    }
+}
+
+impl InBounds for bool {}
+
+/// A byte count the way it is written in the config: `64MiB`, `1KiB`, or plain bytes.
+fn bytes(n: u64) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{}MiB", n >> 20)
+    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        format!("{}KiB", n >> 10)
+    } else {
+        n.to_string()
+    }
+}
+
 // ===== value types with errors that quote the value =====
 
 /// A socket address written as a string, e.g. `127.0.0.1:7140` or `[::1]:80`.
@@ -631,81 +877,75 @@ impl Config {
 
     /// The rules that span several keys. Returns (key path, message) of the first violation.
     fn validate(&self) -> Result<(), (String, String)> {
-        if self.workers == Some(0) {
-            return Err((
-                "workers".into(),
-                "0 is not allowed: at least 1 worker thread".into(),
-            ));
+        if let Some(w) = &self.workers {
+            WORKERS.check(w)?;
         }
-        if self.detect.timeout.0.is_zero() {
-            return Err((
-                "detect.timeout".into(),
-                "\"0s\" is not allowed: the detection timeout must be positive".into(),
-            ));
-        }
-        let h = &self.http;
-        if !(1024..=16 * 1024 * 1024).contains(&h.max_header_bytes) {
-            return Err((
-                "http.max_header_bytes".into(),
-                format!(
-                    "{} is out of range: between 1024 and 16777216 bytes",
-                    h.max_header_bytes
-                ),
-            ));
-        }
-        for (key, d) in [
-            ("http.header_timeout", h.header_timeout.0),
-            ("http.idle_timeout", h.idle_timeout.0),
-            ("http.stream_idle_timeout", h.stream_idle_timeout.0),
-        ] {
-            if d.is_zero() || d > Duration::from_secs(7 * 24 * 3600) {
+        SHUTDOWN_GRACE.check(&self.shutdown_grace)?;
+        SYNC_TIMEOUT.check(&self.discovery.sync_timeout)?;
+        DETECT_TIMEOUT.check(&self.detect.timeout)?;
+        HTTP_MAX_HEADER_BYTES.check(&self.http.max_header_bytes)?;
+        HTTP_HEADER_TIMEOUT.check(&self.http.header_timeout)?;
+        HTTP_IDLE_TIMEOUT.check(&self.http.idle_timeout)?;
+        HTTP_STREAM_IDLE_TIMEOUT.check(&self.http.stream_idle_timeout)?;
+        for (i, p) in self.detect.server_first_ports.iter().enumerate() {
+            if *p == 0 {
                 return Err((
-                    key.into(),
-                    format!(
-                        "\"{}\" is out of range: more than 0s and at most 7 days",
-                        humantime::format_duration(d)
-                    ),
+                    format!("detect.server_first_ports[{i}]"),
+                    "0 is not a port (allowed: 1 to 65535)".into(),
                 ));
             }
         }
-        if self.balance.decay.0.is_zero() {
-            return Err((
-                "balance.decay".into(),
-                "\"0s\" is not allowed: the decay must be positive".into(),
-            ));
-        }
-        let defaults = self.defaults.resolve();
-        if defaults.connect_timeout.0.is_zero() {
-            return Err((
-                "defaults.connect_timeout".into(),
-                "\"0s\" is not allowed: the connect timeout must be positive".into(),
-            ));
-        }
+        DEFAULT_RTT.check(&self.balance.default_rtt)?;
+        DECAY.check(&self.balance.decay)?;
+        HYSTERESIS.check(&self.health.hysteresis)?;
+        OUTAGE_GRACE
+            .check(&self.health.outage_grace)
+            .map_err(|(k, m)| {
+                if self.health.outage_grace.0.is_zero() {
+                    (k, format!("{m}; for readiness that never follows dependencies, use ready_requires: none"))
+                } else {
+                    (k, m)
+                }
+            })?;
         if let Some(i) = &self.inbound {
-            if i.concurrency_limit == Some(0) {
-                return Err((
-                    "inbound.concurrency_limit".into(),
-                    "0 would refuse every request; leave it out for no limit".into(),
-                ));
+            if let Some(n) = &i.concurrency_limit {
+                CONCURRENCY_LIMIT.check(n)?;
             }
-            if let Some(r) = i.rate_limit {
-                if !(r > 0.0 && r.is_finite()) {
+            if let Some(r) = &i.rate_limit {
+                RATE_LIMIT.check(r)?;
+            }
+            if let Some(b) = &i.rate_limit_burst {
+                RATE_LIMIT_BURST.check(b)?;
+            }
+        }
+        self.defaults
+            .validate()
+            .map_err(|(key, m)| (format!("defaults.{key}"), m))?;
+        for (i, s) in self.discovery.static_services.iter().enumerate() {
+            s.policy
+                .validate()
+                .map_err(|(key, m)| (format!("discovery.static[{i}].policy.{key}"), m))?;
+            let mut seen = BTreeSet::new();
+            for (j, e) in s.endpoints.iter().enumerate() {
+                let path = || format!("discovery.static[{i}].endpoints[{j}]");
+                connectable(e.0).map_err(|m| (path(), m))?;
+                if !seen.insert(e.0) {
+                    return Err((path(), format!("\"{}\" is listed twice", e.0)));
+                }
+            }
+            for (j, a) in s.addresses.iter().enumerate() {
+                if a.0.port() == 0 {
                     return Err((
-                        "inbound.rate_limit".into(),
-                        format!("{r} is not a positive rate (requests per second)"),
+                        format!("discovery.static[{i}].addresses[{j}]"),
+                        format!(
+                            "\"{}\": port 0 is not a port a client connects to (allowed: 1 to 65535)",
+                            a.0
+                        ),
                     ));
                 }
             }
         }
 
-        if self.health.outage_grace.0.is_zero() {
-            return Err((
-                "health.outage_grace".into(),
-                "\"0s\" is not allowed: a critical dependency would never fail readiness; \
-                 use ready_requires: none for that"
-                    .into(),
-            ));
-        }
         for (key, list) in [
             ("health.dependencies", &self.health.dependencies),
             ("health.critical", &self.health.critical),
@@ -728,14 +968,25 @@ impl Config {
             ));
         }
 
-        // Every listener's address is used once.
-        let mut listeners: HashMap<SocketAddr, String> = HashMap::new();
+        // Every listener's address is used once, and no two overlap: `0.0.0.0:p` takes every
+        // IPv4 address's port p, and `[::]:p` (dual-stack) every address's of both families.
+        let mut listeners: Vec<(SocketAddr, String)> = Vec::new();
         let mut claim = |addr: SocketAddr, path: String| -> Result<(), (String, String)> {
-            if addr.port() != 0 {
-                if let Some(other) = listeners.insert(addr, path.clone()) {
-                    return Err((path, format!("\"{addr}\" is already used by {other}")));
-                }
+            if addr.port() == 0 {
+                return Ok(());
             }
+            if let Some((other_addr, other)) = listeners.iter().find(|(a, _)| overlaps(*a, addr)) {
+                let message = if *other_addr == addr {
+                    format!("\"{addr}\" is already used by {other}")
+                } else {
+                    format!(
+                        "\"{addr}\" overlaps \"{other_addr}\" of {other} (0.0.0.0 takes every IPv4 \
+                         address, [::] every IPv4 and IPv6 address); use another port"
+                    )
+                };
+                return Err((path, message));
+            }
+            listeners.push((addr, path));
             Ok(())
         };
         claim(self.admin.listen.0, "admin.listen".into())?;
@@ -795,13 +1046,37 @@ impl Config {
     }
 
     /// Worker threads to run: the configured number, else the cgroup CPU limit, else the
-    /// machine's parallelism; at least 1.
+    /// machine's parallelism; at least 1, at most [`MAX_WORKERS`].
     pub fn worker_threads(&self) -> usize {
         self.workers
             .or_else(cgroup_cpu_limit)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1)
+            .clamp(1, MAX_WORKERS as usize)
     }
+}
+
+/// Whether two listeners' addresses take a port in common (binding both would fail). `[::]`
+/// is bound dual-stack (see `crate::socket::bind`), so it takes the IPv4 addresses as well.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    fn covers(x: IpAddr, y: IpAddr) -> bool {
+        x.is_unspecified() && (x.is_ipv6() || y.is_ipv4())
+    }
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+}
+
+/// An endpoint must be an address a connection can be made to.
+fn connectable(a: SocketAddr) -> Result<(), String> {
+    let ip = a.ip();
+    let why = if a.port() == 0 {
+        "port 0 is not a port to connect to (allowed: 1 to 65535)"
+    } else if ip.is_unspecified() {
+        "an unspecified address is not an address to connect to; write 127.0.0.1 or ::1 for this host"
+    } else if ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255]) {
+        "a multicast or broadcast address cannot take a TCP connection"
+    } else {
+        return Ok(());
+    };
+    Err(format!("\"{a}\": {why}"))
 }
 
 /// serde_yaml prefixes its messages with the part of the key path it knows; ours is complete,
@@ -929,7 +1204,7 @@ upstreams:
             "{e}"
         );
         let e = err("workers: 0\n");
-        assert!(e.contains("workers: 0 is not allowed"), "{e}");
+        assert!(e.contains("workers: 0 is out of range"), "{e}");
         let e = err("workers: many\n");
         assert!(e.contains("workers") && e.contains("many"), "{e}");
     }
@@ -967,7 +1242,7 @@ upstreams:
         );
         let e = err("health:\n  outage_grace: 0s\n");
         assert!(
-            e.contains("health.outage_grace: \"0s\" is not allowed"),
+            e.contains("health.outage_grace: \"0s\" is out of range"),
             "{e}"
         );
         let e = err("health:\n  hysteresis: later\n");
@@ -1012,5 +1287,190 @@ upstreams:
             "discovery:\n  static:\n    - service: a.b\n      addresses: [\"198.19.0.1:80\"]\n    - service: c.b\n      addresses: [\"198.19.0.1:80\"]\n",
         );
         assert!(e.contains("discovery.static[1].addresses[0]"), "{e}");
+    }
+
+    /// Every value that parses but is refused: (config, the whole error line).
+    #[test]
+    fn out_of_range_values_are_refused_naming_key_value_and_range() {
+        let svc = "discovery:\n  static:\n    - service: a.b\n";
+        let cases: Vec<(String, &str)> = vec![
+            (
+                "workers: 0\n".into(),
+                "workers: 0 is out of range (allowed: 1 to 1024)",
+            ),
+            (
+                "workers: 100000\n".into(),
+                "workers: 100000 is out of range (allowed: 1 to 1024)",
+            ),
+            (
+                "shutdown_grace: 2y\n".into(),
+                "shutdown_grace: \"2years\" is out of range (allowed: 0s to 1year)",
+            ),
+            (
+                "detect:\n  timeout: 0s\n".into(),
+                "detect.timeout: \"0s\" is out of range (allowed: above 0s, up to 1year)",
+            ),
+            (
+                // Parses (just under u64 seconds) and used to overflow `Instant + timeout`.
+                "detect:\n  timeout: 500000000000years\n".into(),
+                "detect.timeout: \"500000000000years\" is out of range (allowed: above 0s, up to 1year)",
+            ),
+            (
+                "detect:\n  server_first_ports: [22, 0]\n".into(),
+                "detect.server_first_ports[1]: 0 is not a port (allowed: 1 to 65535)",
+            ),
+            (
+                "discovery:\n  sync_timeout: 2y\n".into(),
+                "discovery.sync_timeout: \"2years\" is out of range (allowed: 0s to 1year)",
+            ),
+            (
+                "balance:\n  default_rtt: 2y\n".into(),
+                "balance.default_rtt: \"2years\" is out of range (allowed: 0s to 1year)",
+            ),
+            (
+                "balance:\n  decay: 0s\n".into(),
+                "balance.decay: \"0s\" is out of range (allowed: above 0s, up to 1year)",
+            ),
+            (
+                "health:\n  hysteresis: 2y\n".into(),
+                "health.hysteresis: \"2years\" is out of range (allowed: 0s to 1year)",
+            ),
+            (
+                "health:\n  outage_grace: 0s\n".into(),
+                "health.outage_grace: \"0s\" is out of range (allowed: above 0s, up to 1year); \
+                 for readiness that never follows dependencies, use ready_requires: none",
+            ),
+            (
+                "inbound:\n  concurrency_limit: 0\n".into(),
+                "inbound.concurrency_limit: 0 is out of range (allowed: 1 to 1000000)",
+            ),
+            (
+                "inbound:\n  concurrency_limit: 2000000\n".into(),
+                "inbound.concurrency_limit: 2000000 is out of range (allowed: 1 to 1000000)",
+            ),
+            (
+                "inbound:\n  rate_limit: 0\n".into(),
+                "inbound.rate_limit: 0 is out of range (allowed: above 0, up to 1000000000)",
+            ),
+            (
+                "inbound:\n  rate_limit: -5\n".into(),
+                "inbound.rate_limit: -5 is out of range (allowed: above 0, up to 1000000000)",
+            ),
+            (
+                "inbound:\n  rate_limit: .nan\n".into(),
+                "inbound.rate_limit: NaN is out of range (allowed: above 0, up to 1000000000)",
+            ),
+            (
+                "inbound:\n  rate_limit: 2e9\n".into(),
+                "inbound.rate_limit: 2000000000 is out of range (allowed: above 0, up to 1000000000)",
+            ),
+            (
+                "inbound:\n  rate_limit: 10\n  rate_limit_burst: 0\n".into(),
+                "inbound.rate_limit_burst: 0 is out of range (allowed: 1 to 1000000000)",
+            ),
+            (
+                format!("{svc}      endpoints: [\"127.0.0.1:0\"]\n"),
+                "discovery.static[0].endpoints[0]: \"127.0.0.1:0\": port 0 is not a port to connect to (allowed: 1 to 65535)",
+            ),
+            (
+                format!("{svc}      endpoints: [\"127.0.0.1:80\", \"0.0.0.0:80\"]\n"),
+                "discovery.static[0].endpoints[1]: \"0.0.0.0:80\": an unspecified address is not an address to connect to; write 127.0.0.1 or ::1 for this host",
+            ),
+            (
+                format!("{svc}      endpoints: [\"224.0.0.1:80\"]\n"),
+                "discovery.static[0].endpoints[0]: \"224.0.0.1:80\": a multicast or broadcast address cannot take a TCP connection",
+            ),
+            (
+                format!("{svc}      endpoints: [\"127.0.0.1:80\", \"127.0.0.1:80\"]\n"),
+                "discovery.static[0].endpoints[1]: \"127.0.0.1:80\" is listed twice",
+            ),
+            (
+                format!("{svc}      addresses: [\"198.19.0.1:0\"]\n"),
+                "discovery.static[0].addresses[0]: \"198.19.0.1:0\": port 0 is not a port a client connects to (allowed: 1 to 65535)",
+            ),
+            (
+                "admin:\n  listen: 0.0.0.0:7190\n  grpc_listen: \"[::]:7190\"\n".into(),
+                "admin.grpc_listen: \"[::]:7190\" overlaps \"0.0.0.0:7190\" of admin.listen \
+                 (0.0.0.0 takes every IPv4 address, [::] every IPv4 and IPv6 address); use another port",
+            ),
+            (
+                "admin:\n  listen: 127.0.0.1:7190\n  grpc_listen: 0.0.0.0:7190\n".into(),
+                "admin.grpc_listen: \"0.0.0.0:7190\" overlaps \"127.0.0.1:7190\" of admin.listen \
+                 (0.0.0.0 takes every IPv4 address, [::] every IPv4 and IPv6 address); use another port",
+            ),
+            (
+                "defaults:\n  connect_timeout: 0s\n".into(),
+                "defaults.connect_timeout: \"0s\" is out of range (allowed: above 0s, up to 1year)",
+            ),
+            (
+                format!("{svc}      policy:\n        breaker_latency_factor: -2\n"),
+                "discovery.static[0].policy.breaker_latency_factor: -2 is out of range (allowed: 1 to 1000)",
+            ),
+        ];
+        for (text, want) in &cases {
+            let e = err(text);
+            assert_eq!(e, format!("config.yaml: {want}"), "config:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_largest_values_allowed_are_accepted() {
+        let c = Config::parse(
+            "c.yaml",
+            "workers: 1024\nshutdown_grace: 1y\ndetect:\n  timeout: 1year\n  server_first_ports: [65535]\n\
+             discovery:\n  sync_timeout: 1y\nbalance:\n  default_rtt: 1y\n  decay: 1y\n\
+             health:\n  hysteresis: 1y\n  outage_grace: 1y\n\
+             inbound:\n  concurrency_limit: 1000000\n  rate_limit: 1e9\n  rate_limit_burst: 1000000000\n\
+             admin:\n  listen: \"[::]:7190\"\n  grpc_listen: \"[::1]:7191\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.detect.timeout.0, MAX_DURATION);
+        assert_eq!(c.worker_threads(), 1024);
+        // The smallest, too: zero where zero means something.
+        Config::parse(
+            "c.yaml",
+            "shutdown_grace: 0s\ndiscovery:\n  sync_timeout: 0s\nbalance:\n  default_rtt: 0s\nhealth:\n  hysteresis: 0s\n\
+             inbound:\n  concurrency_limit: 1\n  rate_limit: 0.001\n  rate_limit_burst: 1\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn listeners_on_one_port_must_not_overlap() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(overlaps(a("[::]:80"), a("0.0.0.0:80")));
+        assert!(overlaps(a("[::]:80"), a("127.0.0.1:80")));
+        assert!(overlaps(a("[::]:80"), a("[::1]:80")));
+        assert!(overlaps(a("0.0.0.0:80"), a("10.0.0.1:80")));
+        assert!(
+            !overlaps(a("0.0.0.0:80"), a("[::1]:80")),
+            "0.0.0.0 is IPv4 only"
+        );
+        assert!(!overlaps(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!overlaps(a("[::]:80"), a("0.0.0.0:81")));
+        // Port 0 (an ephemeral port each) never conflicts.
+        Config::parse(
+            "c.yaml",
+            "admin:\n  listen: \"[::]:0\"\n  grpc_listen: 0.0.0.0:0\n",
+        )
+        .unwrap();
+    }
+
+    /// The README's config reference shows every key's range as `Bound::describe` says it.
+    #[test]
+    fn the_readme_documents_every_range() {
+        let readme = include_str!("../README.md");
+        for r in RANGED {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", r.key)))
+                .unwrap_or_else(|| panic!("README has no row for {}", r.key));
+            assert!(
+                row.contains(&format!("| {} |", r.bound.describe())),
+                "README's row for {} should give the range {:?}: {row}",
+                r.key,
+                r.bound.describe()
+            );
+        }
     }
 }

@@ -135,20 +135,12 @@ fn proxy(path: Option<PathBuf>, log_json: bool, sidecar: bool) -> ExitCode {
     }
 
     let workers = config.worker_threads();
-    let runtime = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build()
-    };
-    let runtime = match runtime {
+    let runtime = match build_runtime(workers) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("meshlet: cannot start the runtime: {e}");
+            fatal(&format!(
+                "cannot start the runtime with {workers} worker threads: {e}; set `workers` lower"
+            ));
             return ExitCode::FAILURE;
         }
     };
@@ -156,24 +148,80 @@ fn proxy(path: Option<PathBuf>, log_json: bool, sidecar: bool) -> ExitCode {
         let mut app = match App::bind(config) {
             Ok(a) => a,
             Err(e) => {
-                tracing::error!(error = %e, "startup failed");
-                eprintln!("meshlet: {e}");
+                fatal(&e.to_string());
                 return ExitCode::FAILURE;
             }
         };
         app.set_app_probes(app_probes);
         app.set_pod_errors(pod_errors);
         if let Err(e) = app.connect().await {
-            eprintln!("meshlet: discovery.kubernetes: {e}");
+            fatal(&format!("discovery.kubernetes: {e}"));
             return ExitCode::FAILURE;
         }
         let shutdown = app.shutdown_token();
         tokio::spawn(async move {
-            wait_for_signal().await;
-            shutdown.cancel();
+            let Some(mut signals) = Signals::install() else {
+                return;
+            };
+            let first = signals.next().await;
+            if shutdown.is_cancelled() {
+                tracing::info!(signal = first.name(), "graceful shutdown already under way");
+            } else {
+                tracing::info!(signal = first.name(), "starting the graceful shutdown");
+                shutdown.cancel();
+            }
+            // The drain may take up to shutdown_grace; whoever sends a second signal wants out.
+            let second = signals.next().await;
+            tracing::warn!(
+                signal = second.name(),
+                exit_code = second.exit_code(),
+                "second signal during the graceful shutdown: exiting now, without waiting for \
+                 the connections still open"
+            );
+            std::process::exit(second.exit_code());
         });
         app.run().await;
         ExitCode::SUCCESS
+    })
+}
+
+/// A startup error after logging is set up: one line, through the log (so JSON logs stay
+/// JSON), or on stderr when the log filter would hide it.
+fn fatal(message: &str) {
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!("{message}");
+    } else {
+        eprintln!("meshlet: {message}");
+    }
+}
+
+/// The tokio runtime. tokio panics when the OS refuses it a thread before it has any (a
+/// container's pid or memory limit already reached); that is turned into an error here, so
+/// that it is reported like any other.
+fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let build = move || {
+        if workers == 1 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .enable_all()
+                .build()
+        }
+    };
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(build);
+    std::panic::set_hook(hook);
+    result.unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("the runtime panicked");
+        Err(std::io::Error::other(why.to_string()))
     })
 }
 
@@ -192,7 +240,8 @@ fn app_probes() -> Result<Option<AppProbes>, String> {
 /// Polls `GET /ready/proxy` until it answers 200 or `timeout` passes.
 fn wait_ready(admin: std::net::SocketAddr, timeout: std::time::Duration) -> ExitCode {
     use std::io::{Read, Write};
-    let deadline = std::time::Instant::now() + timeout;
+    // A timeout too long for the clock is no deadline at all.
+    let deadline = std::time::Instant::now().checked_add(timeout);
     let ready = || -> std::io::Result<bool> {
         let mut s =
             std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(1))?;
@@ -206,7 +255,7 @@ fn wait_ready(admin: std::net::SocketAddr, timeout: std::time::Duration) -> Exit
         if matches!(ready(), Ok(true)) {
             return ExitCode::SUCCESS;
         }
-        if std::time::Instant::now() >= deadline {
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             eprintln!("meshlet wait-ready: the proxy at {admin} was not ready within {timeout:?}");
             return ExitCode::FAILURE;
         }
@@ -214,18 +263,55 @@ fn wait_ready(admin: std::net::SocketAddr, timeout: std::time::Duration) -> Exit
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; use POST /shutdown");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, as a stream.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+#[derive(Clone, Copy)]
+enum Received {
+    Term,
+    Int,
+}
+
+impl Received {
+    fn name(self) -> &'static str {
+        match self {
+            Received::Term => "SIGTERM",
+            Received::Int => "SIGINT",
+        }
+    }
+
+    /// The shell's convention for a process ended by a signal: 128 + its number (143, 130).
+    fn exit_code(self) -> i32 {
+        128 + match self {
+            Received::Term => libc::SIGTERM,
+            Received::Int => libc::SIGINT,
+        }
+    }
+}
+
+impl Signals {
+    fn install() -> Option<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some(Signals { term, int }),
+            _ => {
+                tracing::warn!("cannot install signal handlers; use POST /shutdown");
+                None
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Received {
+        tokio::select! {
+            _ = self.term.recv() => Received::Term,
+            _ = self.int.recv() => Received::Int,
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! treated like a bad annotation on a Service: logged with the key and value, counted in
 //! `meshlet_policy_errors_total{service="pod"}`, and ignored (the config file's value stays).
 
-use crate::config::Config;
+use crate::config::{CONCURRENCY_LIMIT, Config, RATE_LIMIT, RATE_LIMIT_BURST};
 use crate::policy::AnnotationError;
 
 /// The pod annotations carried in the environment: (annotation, environment variable).
@@ -60,28 +60,52 @@ pub fn apply_inbound_limits(
     };
     for (annotation, var) in POD_ENV {
         let Some(value) = get(var) else { continue };
-        let v = value.trim();
-        let bad = |why: &str| AnnotationError {
-            key: annotation.to_string(),
-            value: value.clone(),
-            error: why.to_string(),
+        let result = match *var {
+            "MESHLET_CONCURRENCY_LIMIT" => {
+                concurrency_limit(&value).map(|n| inbound.concurrency_limit = Some(n))
+            }
+            "MESHLET_RATE_LIMIT" => rate_limit(&value).map(|r| inbound.rate_limit = Some(r)),
+            _ => rate_limit_burst(&value).map(|n| inbound.rate_limit_burst = Some(n)),
         };
-        match *var {
-            "MESHLET_CONCURRENCY_LIMIT" => match v.parse::<u32>() {
-                Ok(n) if n > 0 => inbound.concurrency_limit = Some(n),
-                _ => errors.push(bad("not a positive whole number of requests")),
-            },
-            "MESHLET_RATE_LIMIT" => match v.parse::<f64>() {
-                Ok(r) if r > 0.0 && r.is_finite() => inbound.rate_limit = Some(r),
-                _ => errors.push(bad("not a positive rate (requests per second)")),
-            },
-            _ => match v.parse::<u32>() {
-                Ok(n) if n > 0 => inbound.rate_limit_burst = Some(n),
-                _ => errors.push(bad("not a positive whole number of requests")),
-            },
+        if let Err(error) = result {
+            errors.push(AnnotationError {
+                key: annotation.to_string(),
+                value,
+                error,
+            });
         }
     }
     errors
+}
+
+/// `meshlet.dev/concurrency-limit`: the range of `inbound.concurrency_limit`.
+pub fn concurrency_limit(v: &str) -> Result<u32, String> {
+    let n = whole(v)?;
+    CONCURRENCY_LIMIT.bound.count(u64::from(n))?;
+    Ok(n)
+}
+
+/// `meshlet.dev/rate-limit`: the range of `inbound.rate_limit`.
+pub fn rate_limit(v: &str) -> Result<f64, String> {
+    let r = v
+        .trim()
+        .parse::<f64>()
+        .map_err(|_| format!("{v:?} is not a number of requests per second"))?;
+    RATE_LIMIT.bound.number(r)?;
+    Ok(r)
+}
+
+/// `meshlet.dev/rate-limit-burst`: the range of `inbound.rate_limit_burst`.
+pub fn rate_limit_burst(v: &str) -> Result<u32, String> {
+    let n = whole(v)?;
+    RATE_LIMIT_BURST.bound.count(u64::from(n))?;
+    Ok(n)
+}
+
+fn whole(v: &str) -> Result<u32, String> {
+    v.trim()
+        .parse::<u32>()
+        .map_err(|_| format!("{v:?} is not a whole number of requests"))
 }
 
 #[cfg(test)]
@@ -148,5 +172,55 @@ mod tests {
             apply_inbound_limits(&mut c, env(&[("MESHLET_CONCURRENCY_LIMIT", "0")])).is_empty()
         );
         assert!(c.inbound.is_none());
+    }
+
+    #[test]
+    fn pod_limits_use_the_ranges_of_the_config_keys() {
+        let mut c = Config::parse("c.yaml", "inbound:\n  concurrency_limit: 50\n").unwrap();
+        let errors = apply_inbound_limits(
+            &mut c,
+            env(&[
+                ("MESHLET_CONCURRENCY_LIMIT", "0"),
+                ("MESHLET_RATE_LIMIT", "inf"),
+                ("MESHLET_RATE_LIMIT_BURST", "2000000000"),
+            ]),
+        );
+        let got: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.key.as_str(), e.error.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "meshlet.dev/concurrency-limit",
+                    "0 is out of range (allowed: 1 to 1000000)"
+                ),
+                (
+                    "meshlet.dev/rate-limit",
+                    "inf is out of range (allowed: above 0, up to 1000000000)"
+                ),
+                (
+                    "meshlet.dev/rate-limit-burst",
+                    "2000000000 is out of range (allowed: 1 to 1000000000)"
+                ),
+            ]
+        );
+        let i = c.inbound.unwrap();
+        assert_eq!(i.concurrency_limit, Some(50), "the file's value stays");
+        assert_eq!((i.rate_limit, i.rate_limit_burst), (None, None));
+        // The same values in the file are refused at start.
+        for (text, want) in [
+            (
+                "inbound:\n  concurrency_limit: 0\n",
+                "c.yaml: inbound.concurrency_limit: 0 is out of range (allowed: 1 to 1000000)",
+            ),
+            (
+                "inbound:\n  rate_limit: .inf\n",
+                "c.yaml: inbound.rate_limit: inf is out of range (allowed: above 0, up to 1000000000)",
+            ),
+        ] {
+            assert_eq!(Config::parse("c.yaml", text).unwrap_err().to_string(), want);
+        }
     }
 }

@@ -19,13 +19,18 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::breaker::{HttpFailures, Mode};
-use crate::config::Dur;
+use crate::config::{ANY_DURATION, Bound, Dur, InBounds, POSITIVE_DURATION as POSITIVE};
 use crate::retry::RetryOn;
 
 pub const ANNOTATION_PREFIX: &str = "meshlet.dev/";
 
+/// Whole numbers from `min` to `max`.
+const fn count(min: u64, max: u64) -> Bound {
+    Bound::Count { min, max }
+}
+
 macro_rules! policy {
-    ($( $(#[doc = $doc:literal])* $field:ident : $ty:ty = $default:expr, $annotation:literal; )*) => {
+    ($( $(#[doc = $doc:literal])* $field:ident : $ty:ty = $default:expr, $annotation:literal, $bound:expr; )*) => {
         /// One layer of policy keys, each optional.
         #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
         #[serde(deny_unknown_fields, default)]
@@ -57,84 +62,101 @@ macro_rules! policy {
                 Policy { $( $field: self.$field.clone().unwrap_or(d.$field), )* }
             }
 
-            /// Sets one key from an annotation value. `None`: not a policy key.
+            /// Sets one key from an annotation value, if it parses and is in its key's range.
+            /// `None`: not a policy key.
             fn set(&mut self, key: &str, value: &str) -> Option<Result<(), String>> {
                 match key {
                     $( $annotation => Some(
                         value
                             .trim()
                             .parse::<$ty>()
-                            .map(|v| { self.$field = Some(v); })
-                            .map_err(|e| quote(value, e.to_string())),
+                            .map_err(|e| quote(value, e.to_string()))
+                            .and_then(|v| {
+                                InBounds::in_bounds(&v, &$bound)?;
+                                self.$field = Some(v);
+                                Ok(())
+                            }),
                     ), )*
                     _ => None,
                 }
             }
+
+            /// Checks every key set in this layer against its range (the same check as for an
+            /// annotation). The error names the YAML key.
+            pub fn validate(&self) -> Result<(), (&'static str, String)> {
+                $(
+                    if let Some(v) = &self.$field {
+                        InBounds::in_bounds(v, &$bound).map_err(|e| (stringify!($field), e))?;
+                    }
+                )*
+                Ok(())
+            }
         }
 
-        /// Every policy annotation (without the `meshlet.dev/` prefix), with its YAML key.
-        pub const KEYS: &[(&str, &str)] = &[ $( ($annotation, stringify!($field)), )* ];
+        /// Every policy key: its annotation (without the `meshlet.dev/` prefix), its YAML key
+        /// and the values it allows.
+        pub const KEYS: &[(&str, &str, Bound)] = &[ $( ($annotation, stringify!($field), $bound), )* ];
     };
 }
 
 policy! {
     /// Per-request timeout (`off`, or a duration): past it the answer is 504.
-    timeout: Timeout = Timeout(None), "timeout";
+    timeout: Timeout = Timeout(None), "timeout", POSITIVE;
     /// A connection to an endpoint not made by then fails (and another endpoint is tried).
-    connect_timeout: Dur = Dur(Duration::from_secs(1)), "connect-timeout";
+    connect_timeout: Dur = Dur(Duration::from_secs(1)), "connect-timeout", POSITIVE;
     /// Pooled upstream connections idle for longer are closed.
-    idle_timeout: Dur = Dur(Duration::from_secs(90)), "idle-timeout";
+    idle_timeout: Dur = Dur(Duration::from_secs(90)), "idle-timeout", POSITIVE;
     /// What is retried besides connect failures (always retried): `5xx`, `gateway-error`,
     /// `reset`, `retriable-grpc`, `none`.
-    retry_on: RetryOn = RetryOn::default_policy(), "retry-on";
+    retry_on: RetryOn = RetryOn::default_policy(), "retry-on", Bound::Any;
     /// Retries per request at most.
-    max_retries: u32 = 2, "max-retries";
+    max_retries: u32 = 2, "max-retries", count(0, 100);
     /// Retries allowed as a share of requests (`20%` or `0.2`).
-    retry_budget: Ratio = Ratio(0.2), "retry-budget";
+    retry_budget: Ratio = Ratio(0.2), "retry-budget", Bound::Any;
     /// Retries per second always allowed on top of the budget.
-    retry_budget_min: u32 = 10, "retry-budget-min";
+    retry_budget_min: u32 = 10, "retry-budget-min", count(0, 1_000_000);
     /// The first retry's backoff bound (exponential, full jitter).
-    retry_backoff: Dur = Dur(Duration::from_millis(25)), "retry-backoff";
+    retry_backoff: Dur = Dur(Duration::from_millis(25)), "retry-backoff", ANY_DURATION;
     /// The largest backoff.
-    retry_backoff_max: Dur = Dur(Duration::from_secs(1)), "retry-backoff-max";
+    retry_backoff_max: Dur = Dur(Duration::from_secs(1)), "retry-backoff-max", ANY_DURATION;
     /// A Retry-After longer than this is not waited for: the answer goes back to the client.
-    retry_after_max: Dur = Dur(Duration::from_secs(2)), "retry-after-max";
+    retry_after_max: Dur = Dur(Duration::from_secs(2)), "retry-after-max", ANY_DURATION;
     /// Circuit breaking per endpoint: `consecutive`, `success-rate`, `latency`, `off`.
-    breaker: Mode = Mode::Consecutive, "breaker";
+    breaker: Mode = Mode::Consecutive, "breaker", Bound::Any;
     /// Consecutive failures that eject an endpoint.
-    breaker_failures: u32 = 7, "breaker-failures";
+    breaker_failures: u32 = 7, "breaker-failures", count(1, 1_000_000);
     /// First ejection; doubles with each failed probe.
-    breaker_backoff: Dur = Dur(Duration::from_secs(1)), "breaker-backoff";
+    breaker_backoff: Dur = Dur(Duration::from_secs(1)), "breaker-backoff", POSITIVE;
     /// Longest ejection.
-    breaker_backoff_max: Dur = Dur(Duration::from_secs(60)), "breaker-backoff-max";
+    breaker_backoff_max: Dur = Dur(Duration::from_secs(60)), "breaker-backoff-max", POSITIVE;
     /// `success-rate` mode: eject below this success rate.
-    breaker_success_rate: Ratio = Ratio(0.8), "breaker-success-rate";
+    breaker_success_rate: Ratio = Ratio(0.8), "breaker-success-rate", Bound::Any;
     /// `success-rate` and `latency` modes: the sliding window.
-    breaker_window: Dur = Dur(Duration::from_secs(10)), "breaker-window";
+    breaker_window: Dur = Dur(Duration::from_secs(10)), "breaker-window", POSITIVE;
     /// `success-rate` and `latency` modes: requests needed in the window before judging.
-    breaker_min_requests: u32 = 20, "breaker-min-requests";
+    breaker_min_requests: u32 = 20, "breaker-min-requests", count(1, 1_000_000);
     /// `latency` mode: eject an endpoint slower than this many times its peers' median.
-    breaker_latency_factor: f64 = 3.0, "breaker-latency-factor";
+    breaker_latency_factor: f64 = 3.0, "breaker-latency-factor", Bound::Number { min: 1.0, above: false, max: 1000.0 };
     /// Never eject more than this share of a service's endpoints.
-    breaker_max_ejected: Ratio = Ratio(0.5), "breaker-max-ejected";
+    breaker_max_ejected: Ratio = Ratio(0.5), "breaker-max-ejected", Bound::Any;
     /// HTTP answers that count as failures: `5xx` or `gateway` (502, 503, 504 only).
-    failure_statuses: HttpStatuses = HttpStatuses(HttpFailures::All5xx), "failure-statuses";
+    failure_statuses: HttpStatuses = HttpStatuses(HttpFailures::All5xx), "failure-statuses", Bound::Any;
     /// gRPC statuses that count as failures (names or numbers).
-    failure_grpc: GrpcCodes = GrpcCodes(vec![14, 4, 13, 8]), "failure-grpc";
+    failure_grpc: GrpcCodes = GrpcCodes(vec![14, 4, 13, 8]), "failure-grpc", Bound::Any;
     /// Deduplicate identical requests in flight (opt-in: it changes semantics for APIs that
     /// misuse GET).
-    dedup: bool = false, "dedup";
+    dedup: bool = false, "dedup", Bound::Any;
     /// Methods that may be deduplicated.
-    dedup_methods: Methods = Methods(vec![http::Method::GET, http::Method::HEAD]), "dedup-methods";
+    dedup_methods: Methods = Methods(vec![http::Method::GET, http::Method::HEAD]), "dedup-methods", Bound::Any;
     /// Headers whose values join the key besides those that always do (credentials, cookies,
     /// encodings, ranges, conditionals).
-    dedup_headers: HeaderNames = HeaderNames(vec![http::header::ACCEPT, http::header::ACCEPT_LANGUAGE]), "dedup-headers";
+    dedup_headers: HeaderNames = HeaderNames(vec![http::header::ACCEPT, http::header::ACCEPT_LANGUAGE]), "dedup-headers", Bound::Any;
     /// Larger responses are not shared: each waiter goes upstream on its own.
-    dedup_max_body: ByteSize = ByteSize(1 << 20), "dedup-max-body";
+    dedup_max_body: ByteSize = ByteSize(1 << 20), "dedup-max-body", Bound::Bytes { max: 64 << 20 };
     /// A waiter waits this long for the leader's answer, then goes on its own.
-    dedup_timeout: Dur = Dur(Duration::from_secs(5)), "dedup-timeout";
+    dedup_timeout: Dur = Dur(Duration::from_secs(5)), "dedup-timeout", POSITIVE;
     /// Waiters per key at most; more go on their own.
-    dedup_max_waiters: u32 = 1000, "dedup-max-waiters";
+    dedup_max_waiters: u32 = 1000, "dedup-max-waiters", count(1, 1_000_000);
 }
 
 /// Makes sure an error message quotes the value (the value types' own errors do; the standard
@@ -257,12 +279,39 @@ impl FromStr for Timeout {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "off" | "none" | "0" => Ok(Timeout(None)),
-            _ => s
-                .parse::<Dur>()
-                .map(|d| Timeout((!d.0.is_zero()).then_some(d.0))),
+            // A zero duration ("0s") is kept, and refused by the key's range: it reads like a
+            // timeout that fails every request, not like "no timeout".
+            _ => s.parse::<Dur>().map(|d| Timeout(Some(d.0))),
         }
     }
 }
+
+impl InBounds for Timeout {
+    fn in_bounds(&self, bound: &Bound) -> Result<(), String> {
+        match self.0 {
+            None => Ok(()),
+            Some(d) if d.is_zero() => bound
+                .duration(d)
+                .map_err(|e| format!("{e}; write \"off\" for no timeout")),
+            Some(d) => bound.duration(d),
+        }
+    }
+}
+
+impl InBounds for ByteSize {
+    fn in_bounds(&self, bound: &Bound) -> Result<(), String> {
+        bound.bytes(u64::try_from(self.0).unwrap_or(u64::MAX))
+    }
+}
+
+// Their parsers accept only valid values.
+impl InBounds for Ratio {}
+impl InBounds for HttpStatuses {}
+impl InBounds for GrpcCodes {}
+impl InBounds for Methods {}
+impl InBounds for HeaderNames {}
+impl InBounds for Mode {}
+impl InBounds for RetryOn {}
 
 /// A share: `20%` or `0.2`, between 0 and 1.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -463,7 +512,7 @@ mod tests {
             .to_string();
         assert!(e.contains("unknown field `bogus`"), "{e}");
         // Every annotation is the kebab-case twin of its YAML key.
-        for (annotation, yaml) in KEYS {
+        for (annotation, yaml, _) in KEYS {
             assert_eq!(annotation.replace('-', "_"), *yaml);
         }
     }
@@ -479,5 +528,213 @@ mod tests {
         );
         assert!("x-tenant, bad header".parse::<HeaderNames>().is_err());
         assert_eq!("0".parse::<Timeout>().unwrap(), Timeout(None));
+        assert_eq!("off".parse::<Timeout>().unwrap(), Timeout(None));
+    }
+
+    /// Every policy value that parses but is out of its key's range: refused the same way as
+    /// an annotation (reported, the key left to the layer below) and in the config file (exit 2
+    /// with the key path). (annotation, value, message).
+    const OUT_OF_RANGE: &[(&str, &str, &str)] = &[
+        (
+            "timeout",
+            "0s",
+            "\"0s\" is out of range (allowed: above 0s, up to 1year); write \"off\" for no timeout",
+        ),
+        (
+            "timeout",
+            "2y",
+            "\"2years\" is out of range (allowed: above 0s, up to 1year)",
+        ),
+        (
+            "connect-timeout",
+            "0s",
+            "\"0s\" is out of range (allowed: above 0s, up to 1year)",
+        ),
+        (
+            "connect-timeout",
+            "500000000000years",
+            "\"500000000000years\" is out of range (allowed: above 0s, up to 1year)",
+        ),
+        (
+            "idle-timeout",
+            "0ms",
+            "\"0s\" is out of range (allowed: above 0s, up to 1year)",
+        ),
+        (
+            "max-retries",
+            "101",
+            "101 is out of range (allowed: 0 to 100)",
+        ),
+        (
+            "retry-budget-min",
+            "1000001",
+            "1000001 is out of range (allowed: 0 to 1000000)",
+        ),
+        (
+            "retry-backoff",
+            "2y",
+            "\"2years\" is out of range (allowed: 0s to 1year)",
+        ),
+        (
+            "retry-backoff-max",
+            "2y",
+            "\"2years\" is out of range (allowed: 0s to 1year)",
+        ),
+        (
+            "retry-after-max",
+            "2y",
+            "\"2years\" is out of range (allowed: 0s to 1year)",
+        ),
+        (
+            "breaker-failures",
+            "0",
+            "0 is out of range (allowed: 1 to 1000000)",
+        ),
+        (
+            "breaker-backoff",
+            "0s",
+            "\"0s\" is out of range (allowed: above 0s, up to 1year)",
+        ),
+        (
+            "breaker-backoff-max",
+            "2y",
+            "\"2years\" is out of range (allowed: above 0s, up to 1year)",
+        ),
+        (
+            "breaker-window",
+            "0s",
+            "\"0s\" is out of range (allowed: above 0s, up to 1year)",
+        ),
+        (
+            "breaker-min-requests",
+            "0",
+            "0 is out of range (allowed: 1 to 1000000)",
+        ),
+        (
+            "breaker-latency-factor",
+            "-3",
+            "-3 is out of range (allowed: 1 to 1000)",
+        ),
+        (
+            "breaker-latency-factor",
+            "0.5",
+            "0.5 is out of range (allowed: 1 to 1000)",
+        ),
+        (
+            "breaker-latency-factor",
+            "1001",
+            "1001 is out of range (allowed: 1 to 1000)",
+        ),
+        (
+            "breaker-latency-factor",
+            "NaN",
+            "NaN is out of range (allowed: 1 to 1000)",
+        ),
+        (
+            "breaker-latency-factor",
+            "inf",
+            "inf is out of range (allowed: 1 to 1000)",
+        ),
+        (
+            "dedup-max-body",
+            "65MiB",
+            "\"65MiB\" is out of range (allowed: 0 to 64MiB)",
+        ),
+        (
+            "dedup-timeout",
+            "0s",
+            "\"0s\" is out of range (allowed: above 0s, up to 1year)",
+        ),
+        (
+            "dedup-max-waiters",
+            "0",
+            "0 is out of range (allowed: 1 to 1000000)",
+        ),
+    ];
+
+    #[test]
+    fn out_of_range_annotations_are_reported_and_ignored() {
+        for (key, value, message) in OUT_OF_RANGE {
+            let k = format!("{ANNOTATION_PREFIX}{key}");
+            let (spec, errors) = PolicySpec::from_annotations(&ann(&[(&k, value)]));
+            assert_eq!(spec, PolicySpec::default(), "{k}={value} must not be set");
+            assert_eq!(
+                errors,
+                vec![AnnotationError {
+                    key: k.clone(),
+                    value: value.to_string(),
+                    error: message.to_string(),
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn out_of_range_config_values_are_refused_with_the_same_message() {
+        for (key, value, message) in OUT_OF_RANGE {
+            let yaml = key.replace('-', "_");
+            // YAML's own spelling of NaN and infinity.
+            let v = match *value {
+                "NaN" => ".nan",
+                "inf" => ".inf",
+                v => v,
+            };
+            for (text, path) in [
+                (
+                    format!("defaults:\n  {yaml}: {v}\n"),
+                    format!("defaults.{yaml}"),
+                ),
+                (
+                    format!(
+                        "discovery:\n  static:\n    - service: a.b\n      policy:\n        {yaml}: {v}\n"
+                    ),
+                    format!("discovery.static[0].policy.{yaml}"),
+                ),
+            ] {
+                let e = crate::config::Config::parse("config.yaml", &text)
+                    .unwrap_err()
+                    .to_string();
+                assert_eq!(e, format!("config.yaml: {path}: {message}"), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_limits_of_each_range_are_accepted() {
+        let (spec, errors) = PolicySpec::from_annotations(&ann(&[
+            ("meshlet.dev/timeout", "1y"),
+            ("meshlet.dev/connect-timeout", "1ns"),
+            ("meshlet.dev/max-retries", "100"),
+            ("meshlet.dev/retry-backoff", "0s"),
+            ("meshlet.dev/breaker-latency-factor", "1"),
+            ("meshlet.dev/dedup-max-body", "64MiB"),
+            ("meshlet.dev/dedup-max-waiters", "1000000"),
+        ]));
+        assert_eq!(errors, vec![]);
+        assert_eq!(
+            spec.timeout,
+            Some(Timeout(Some(crate::config::MAX_DURATION)))
+        );
+        assert_eq!(spec.dedup_max_body, Some(ByteSize(64 << 20)));
+    }
+
+    /// The README's policy table shows every key's range as `Bound::describe` says it.
+    #[test]
+    fn the_readme_documents_every_policy_range() {
+        let readme = include_str!("../README.md");
+        for (annotation, yaml, bound) in KEYS {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{yaml}` / `{annotation}` |")))
+                .unwrap_or_else(|| panic!("README has no policy row for {yaml}"));
+            let allowed = row.split(" | ").nth(2).unwrap_or_default();
+            if *bound != Bound::Any {
+                assert!(
+                    allowed.ends_with(&bound.describe()),
+                    "README's row for {yaml} should give the range {:?}: {row}",
+                    bound.describe()
+                );
+            }
+        }
     }
 }

@@ -55,7 +55,10 @@ fn each_kind_of_config_error_exits_2_naming_key_and_value() {
             "upstreams:\n  - listen: 127.0.0.1:9000\n    service: api.prod\n",
             r#"config.yaml: upstreams[0].service: "api.prod" is not a known service"#,
         ),
-        ("workers: 0\n", "config.yaml: workers: 0 is not allowed"),
+        (
+            "workers: 0\n",
+            "config.yaml: workers: 0 is out of range (allowed: 1 to 1024)",
+        ),
         (
             "inbound:\n  app_host: localhost\n",
             r#"config.yaml: inbound.app_host: "localhost" is not an IP address"#,
@@ -66,7 +69,7 @@ fn each_kind_of_config_error_exits_2_naming_key_and_value() {
         ),
         (
             "detect:\n  timeout: 0s\n",
-            "config.yaml: detect.timeout: \"0s\" is not allowed",
+            "config.yaml: detect.timeout: \"0s\" is out of range (allowed: above 0s, up to 1year)",
         ),
         (
             "discovery:\n  static:\n    - service: a.b\n      endpoints: [\"10.0.0.1\"]\n",
@@ -80,6 +83,51 @@ fn each_kind_of_config_error_exits_2_naming_key_and_value() {
         assert!(
             stderr.contains(want),
             "config {text:?}: want {want:?} in {stderr:?}"
+        );
+    }
+}
+
+/// Values that parse but used to crash the proxy or misbehave: each is refused at start with
+/// exit 2 and one line naming the key, the value and the allowed range.
+#[test]
+fn values_out_of_range_exit_2_naming_key_value_and_range() {
+    let svc = "discovery:\n  static:\n    - service: web.default\n";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            // Used to panic on the first connection (Instant + timeout overflowed): exit 134.
+            "detect:\n  timeout: 500000000000years\n".into(),
+            "config.yaml: detect.timeout: \"500000000000years\" is out of range (allowed: above 0s, up to 1year)",
+        ),
+        (
+            // Used to panic starting the runtime.
+            "workers: 100000\n".into(),
+            "config.yaml: workers: 100000 is out of range (allowed: 1 to 1024)",
+        ),
+        (
+            format!("{svc}      endpoints: [\"127.0.0.1:8080\", \"127.0.0.1:0\"]\n"),
+            "config.yaml: discovery.static[0].endpoints[1]: \"127.0.0.1:0\": port 0 is not a port to connect to (allowed: 1 to 65535)",
+        ),
+        (
+            format!("{svc}      policy:\n        breaker_latency_factor: -3\n"),
+            "config.yaml: discovery.static[0].policy.breaker_latency_factor: -3 is out of range (allowed: 1 to 1000)",
+        ),
+        (
+            "defaults:\n  timeout: 0s\n".into(),
+            "config.yaml: defaults.timeout: \"0s\" is out of range (allowed: above 0s, up to 1year); write \"off\" for no timeout",
+        ),
+        (
+            "admin:\n  listen: 0.0.0.0:7190\n  grpc_listen: \"[::]:7190\"\n".into(),
+            "config.yaml: admin.grpc_listen: \"[::]:7190\" overlaps \"0.0.0.0:7190\" of admin.listen",
+        ),
+    ];
+    for (text, want) in &cases {
+        let (code, stderr) = run_config(text);
+        assert_eq!(code, 2, "config {text:?} gave {code}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line for {text:?}: {stderr:?}");
+        assert!(
+            lines[0].starts_with(&format!("meshlet: {want}")),
+            "config {text:?}: want {want:?}, got {stderr:?}"
         );
     }
 }
@@ -112,9 +160,12 @@ fn config_path_from_env_and_port_conflict_is_a_clear_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // One message, not a log line and a second copy of it.
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
     assert!(
-        stderr.contains(&format!(
-            "cannot listen on 127.0.0.1:{port} for admin.listen"
+        lines[0].contains(&format!(
+            "cannot listen on 127.0.0.1:{port} for admin.listen: Address already in use"
         )),
         "{stderr}"
     );
@@ -236,4 +287,229 @@ async fn wait_ready_waits_for_the_proxy_and_gives_up_in_time() {
     assert_eq!(out.status.code(), Some(1));
     assert!(t0.elapsed() < Duration::from_secs(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("was not ready within"));
+}
+
+/// `meshlet proxy` started as a child process, its stderr in a file; killed (by its PID) if
+/// a test ends before it exits.
+struct Proxy {
+    child: std::process::Child,
+    stderr: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    fn start(config: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(&dir, config);
+        let stderr = dir.path().join("stderr.log");
+        let child = Command::new(BIN)
+            .args(["proxy", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Proxy {
+            child,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory preconditions; the PID is our own child's.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    async fn wait_log(&self, what: &str, timeout: Duration) {
+        eventually(&format!("log line {what:?}"), timeout, || async {
+            self.log().contains(what)
+        })
+        .await;
+    }
+
+    /// The exit status, waiting up to `timeout` (polling); `None` if still running then.
+    async fn exit_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_the_drain_exits_at_once() {
+    // A request that holds the drain open for a minute.
+    let slow = Backend::start("slow", Duration::from_secs(60)).await;
+    let (admin, upstream) = (free_port(), free_port());
+    let mut proxy = Proxy::start(&format!(
+        "admin:\n  listen: 127.0.0.1:{admin}\nupstreams:\n  - listen: 127.0.0.1:{upstream}\n    service: web.default\ndiscovery:\n  static:\n    - service: web.default\n      endpoints: [\"{}\"]\nshutdown_grace: 10m\n",
+        slow.addr
+    ));
+    let admin_addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    eventually("meshlet ready", Duration::from_secs(10), || async {
+        matches!(admin_get(admin_addr, "/ready").await, Ok((200, _)))
+    })
+    .await;
+    let up: SocketAddr = format!("127.0.0.1:{upstream}").parse().unwrap();
+    let mut c = H1Client::connect(up).await.unwrap();
+    let _inflight = tokio::spawn(async move { c.get("/slow").await });
+    eventually(
+        "request reached the backend",
+        Duration::from_secs(5),
+        || async { slow.hits() == 1 },
+    )
+    .await;
+
+    proxy.signal(libc::SIGINT);
+    proxy
+        .wait_log(
+            "shutting down: draining connections",
+            Duration::from_secs(5),
+        )
+        .await;
+    // The drain waits for the request in flight.
+    assert!(
+        proxy
+            .exit_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "exited before the request finished: {}",
+        proxy.log()
+    );
+
+    let t0 = Instant::now();
+    proxy.signal(libc::SIGTERM);
+    let status = proxy
+        .exit_within(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("still running 10s after the second signal: {}", proxy.log()));
+    assert_eq!(status.code(), Some(143), "{}", proxy.log());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let log = proxy.log();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("second signal"))
+        .collect();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(said[0].contains("SIGTERM"), "{log}");
+}
+
+/// Every duration at the largest value allowed: accepted, and the first connections (HTTP,
+/// deduplicated, and one that sends nothing) do not overflow the clock arithmetic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_durations_allowed_survive_the_first_connections() {
+    let b = Backend::start("a", Duration::ZERO).await;
+    let (admin, upstream) = (free_port(), free_port());
+    let max = "1year";
+    let policy = [
+        "timeout",
+        "connect_timeout",
+        "idle_timeout",
+        "retry_backoff",
+        "retry_backoff_max",
+        "retry_after_max",
+        "breaker_backoff",
+        "breaker_backoff_max",
+        "breaker_window",
+        "dedup_timeout",
+    ]
+    .map(|k| format!("  {k}: {max}\n"))
+    .concat();
+    let mut proxy = Proxy::start(&format!(
+        "admin:\n  listen: 127.0.0.1:{admin}\nupstreams:\n  - listen: 127.0.0.1:{upstream}\n    service: web.default\n\
+         discovery:\n  sync_timeout: {max}\n  static:\n    - service: web.default\n      endpoints: [\"{}\"]\n\
+         detect:\n  timeout: {max}\nbalance:\n  default_rtt: {max}\n  decay: {max}\n\
+         health:\n  hysteresis: {max}\n  outage_grace: {max}\nshutdown_grace: {max}\nworkers: 2\n\
+         defaults:\n  dedup: true\n{policy}",
+        b.addr
+    ));
+    let admin_addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    eventually("meshlet ready", Duration::from_secs(10), || async {
+        matches!(admin_get(admin_addr, "/ready").await, Ok((200, _)))
+    })
+    .await;
+    let up: SocketAddr = format!("127.0.0.1:{upstream}").parse().unwrap();
+    for _ in 0..2 {
+        let mut c = H1Client::connect(up).await.unwrap();
+        let a = c.get("/").await.unwrap();
+        assert_eq!((a.status, a.body_text()), (200, "a".to_string()));
+    }
+    // A client that connects and leaves without a byte: detection's deadline is computed too.
+    drop(tokio::net::TcpStream::connect(up).await.unwrap());
+    let (status, _) = admin_get(admin_addr, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        proxy
+            .exit_within(Duration::from_millis(200))
+            .await
+            .is_none(),
+        "meshlet exited: {}",
+        proxy.log()
+    );
+    assert!(!proxy.log().contains("panicked"), "{}", proxy.log());
+    proxy.signal(libc::SIGTERM);
+    let status = proxy.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", proxy.log());
+}
+
+/// `[::]:port` serves IPv4 clients too, and sees 127.0.0.1 as the loopback client it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_server_on_the_unspecified_ipv6_address_serves_ipv4_too() {
+    if !std::path::Path::new("/proc/net/if_inet6").exists() {
+        println!("skipping: the kernel has IPv6 disabled");
+        return;
+    }
+    let admin = free_port();
+    let mut proxy = Proxy::start(&format!("admin:\n  listen: \"[::]:{admin}\"\n"));
+    let v4: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let v6: SocketAddr = format!("[::1]:{admin}").parse().unwrap();
+    eventually(
+        "ready over IPv4 and IPv6",
+        Duration::from_secs(10),
+        || async {
+            matches!(admin_get(v4, "/ready").await, Ok((200, _)))
+                && matches!(admin_get(v6, "/ready").await, Ok((200, _)))
+        },
+    )
+    .await;
+    assert!(proxy.log().contains("\"IPv4 and IPv6\""), "{}", proxy.log());
+    let mut c = H1Client::connect(v4).await.unwrap();
+    let rsp = c
+        .send(
+            http::Request::post("/shutdown")
+                .header("host", "meshlet")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rsp.status, 200, "{}", rsp.body_text());
+    let status = proxy.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", proxy.log());
 }

@@ -322,3 +322,64 @@ async fn redirected_silent_and_unusual_http_clients_stay_http() {
         "{text}"
     );
 }
+
+/// An outbound listener on `[::]` (dual-stack) takes the IPv4 redirect as an IPv4-mapped
+/// connection: its original destination is still read (the IPv4 way) and proxied, and a
+/// redirect loop to it is still recognised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_listener_reads_ipv4_original_destinations() {
+    if !can_run(
+        "a_dual_stack_listener_reads_ipv4_original_destinations",
+        Family::V4,
+    ) {
+        return;
+    }
+    if !std::path::Path::new("/proc/net/if_inet6").exists() {
+        println!("skipping a_dual_stack_listener_reads_ipv4_original_destinations: IPv6 disabled");
+        return;
+    }
+    let ns = create_netns(&BACKEND_ADDRS);
+    let backends = backends(&ns, &BACKEND_ADDRS).await;
+    let eps: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let yaml = config(&eps).replace(
+        &format!("listen: 127.0.0.1:{OUTBOUND_PORT}"),
+        &format!("listen: \"[::]:{OUTBOUND_PORT}\""),
+    );
+    assert!(yaml.contains("[::]"), "{yaml}");
+    let meshlet = MeshletProcess::start(&ns, &yaml).await;
+    assert!(meshlet.log().contains("IPv4 and IPv6"), "{}", meshlet.log());
+
+    for i in 0..6 {
+        let s = ns.connect(VIP.parse().unwrap()).await.unwrap();
+        let mut c = H1Client::over(s).await.unwrap();
+        let a = tokio::time::timeout(STEP, c.get(&format!("/v4/{i}")))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        assert_eq!(a.status, 200, "{}", a.body_text());
+        assert_eq!(a.header("x-path").unwrap(), format!("/v4/{i}"));
+    }
+    assert_eq!(backends.iter().map(|b| b.hits()).sum::<usize>(), 6);
+
+    // The listener's own port on the namespace's address: redirected back to itself.
+    let own: SocketAddr = format!("{NS_ADDR}:{OUTBOUND_PORT}").parse().unwrap();
+    let mut s = ns.connect(own).await.unwrap();
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let mut buf = [0u8; 256];
+    let r = tokio::time::timeout(STEP, s.read(&mut buf))
+        .await
+        .expect("meshlet closes the connection");
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "answered a redirect loop: {r:?}"
+    );
+    let text = ns.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"meshlet_redirect_loops_total{direction="outbound"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}

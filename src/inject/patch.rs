@@ -463,17 +463,17 @@ impl Builder<'_> {
             (
                 "meshlet.dev/concurrency-limit",
                 "MESHLET_CONCURRENCY_LIMIT",
-                check_positive_int,
+                check_concurrency_limit,
             ),
             (
                 "meshlet.dev/rate-limit",
                 "MESHLET_RATE_LIMIT",
-                check_positive_rate,
+                check_rate_limit,
             ),
             (
                 "meshlet.dev/rate-limit-burst",
                 "MESHLET_RATE_LIMIT_BURST",
-                check_positive_int,
+                check_rate_limit_burst,
             ),
         ];
         for (key, var, check) in list {
@@ -656,18 +656,22 @@ fn check_ready_requires(v: &str) -> Result<(), String> {
     }
 }
 
-fn check_positive_int(v: &str) -> Result<(), String> {
-    match v.parse::<u32>() {
-        Ok(n) if n > 0 => Ok(()),
-        _ => Err("is not a positive whole number".into()),
-    }
+// A pod's inbound limits go through the proxy's own checks (`crate::pod`), so that the injector
+// passes on exactly the values the proxy will use.
+fn check_concurrency_limit(v: &str) -> Result<(), String> {
+    refused(crate::pod::concurrency_limit(v))
 }
 
-fn check_positive_rate(v: &str) -> Result<(), String> {
-    match v.parse::<f64>() {
-        Ok(r) if r > 0.0 && r.is_finite() => Ok(()),
-        _ => Err("is not a positive rate (requests per second)".into()),
-    }
+fn check_rate_limit(v: &str) -> Result<(), String> {
+    refused(crate::pod::rate_limit(v))
+}
+
+fn check_rate_limit_burst(v: &str) -> Result<(), String> {
+    refused(crate::pod::rate_limit_burst(v))
+}
+
+fn refused<T>(r: Result<T, String>) -> Result<(), String> {
+    r.map(drop).map_err(|e| format!("is refused: {e}"))
 }
 
 fn check_log(v: &str) -> Result<(), String> {
