@@ -503,13 +503,14 @@ async fn idle_keepalive_connections_close_after_the_idle_timeout() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    // Idle: closed quietly (no answer) within the idle timeout and a little.
+    // Idle: closed quietly (no answer) one idle timeout after the last answer (300 ms of it
+    // passed in the loop already).
     let start = Instant::now();
     let rest = read_for(&mut s, Duration::from_secs(5)).await;
     assert_eq!(rest, "");
     let took = start.elapsed();
     assert!(
-        took >= Duration::from_millis(700) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(400) && took < Duration::from_secs(4),
         "closed after {took:?}"
     );
 }
