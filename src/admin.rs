@@ -38,8 +38,8 @@ pub struct Admin {
     pub detail: Box<dyn Fn() -> Vec<String> + Send + Sync>,
     /// The app's original kubelet probes (`MESHLET_APP_PROBES`), if any.
     pub app_probes: Option<Arc<AppProbes>>,
-    /// Where the app listens: `inbound.app_host`, else 127.0.0.1.
-    pub app_host: IpAddr,
+    /// Where the app's probes go: where inbound traffic goes ([`crate::pod::probe_host`]).
+    pub probe_host: IpAddr,
     /// Every destination service in use and its endpoints' breaker state (`/endpoints`).
     pub endpoints: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// The dependency health model's latest evaluation.
@@ -142,7 +142,8 @@ impl Admin {
                 r
             }
             (&Method::POST, "/shutdown") => {
-                if !peer.ip().is_loopback() {
+                if !is_loopback_peer(peer) {
+                    tracing::debug!(%peer, "refusing POST /shutdown from a client not on loopback");
                     return text(
                         StatusCode::FORBIDDEN,
                         "/shutdown answers only to loopback clients\n".into(),
@@ -206,7 +207,7 @@ impl Admin {
         container: &str,
         probe: &str,
     ) -> Option<crate::health::probes::ProbeResult> {
-        let r = probes.run(container, probe, self.app_host).await?;
+        let r = probes.run(container, probe, self.probe_host).await?;
         let result = if r.success { "success" } else { "failure" };
         self.metrics
             .app_probes
@@ -495,6 +496,16 @@ impl Admin {
     }
 }
 
+/// Whether the admin connection's peer is on loopback, the only clients `POST /shutdown` obeys.
+/// The peer is the admin socket's own TCP peer: a process in the pod that connected to
+/// 127.0.0.1 (or `::1`, or `::ffff:127.0.0.1` on a dual-stack listener). A connection from the
+/// pod's own address is not loopback, and that is how one forwarded by meshlet's inbound
+/// listener would arrive (it delivers to the original destination, from the pod's address),
+/// had the inbound listener not refused to forward to meshlet's own ports in the first place.
+fn is_loopback_peer(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
 /// How a dependency takes part in readiness, in words.
 fn readiness_role(d: &Dependency, policy: ReadyRequires) -> &'static str {
     match (d.critical, policy) {
@@ -518,4 +529,25 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_peer;
+
+    #[test]
+    fn only_loopback_peers_may_shut_down() {
+        for (peer, ok) in [
+            ("127.0.0.1:40000", true),
+            ("127.0.0.9:40000", true),
+            ("[::1]:40000", true),
+            ("[::ffff:127.0.0.1]:40000", true),
+            ("198.18.0.1:40000", false),
+            ("[::ffff:198.18.0.1]:40000", false),
+            ("[2001:2::1]:40000", false),
+            ("0.0.0.0:40000", false),
+        ] {
+            assert_eq!(is_loopback_peer(peer.parse().unwrap()), ok, "{peer}");
+        }
+    }
 }

@@ -34,6 +34,19 @@ pub struct Addresses {
     pub upstreams: Vec<SocketAddr>,
 }
 
+impl Addresses {
+    /// meshlet's own ports, each with the name of its listener: the inbound listener never
+    /// forwards to them.
+    pub fn own_ports(&self) -> Vec<(u16, &'static str)> {
+        let mut v = vec![(self.admin.port(), "admin")];
+        v.extend(self.grpc.map(|a| (a.port(), "grpc_health")));
+        v.extend(self.outbound.map(|a| (a.port(), "outbound")));
+        v.extend(self.inbound.map(|a| (a.port(), "inbound")));
+        v.extend(self.upstreams.iter().map(|a| (a.port(), "upstream")));
+        v
+    }
+}
+
 pub struct App {
     config: Config,
     admin_listener: TcpListener,
@@ -43,6 +56,8 @@ pub struct App {
     shutdown: CancellationToken,
     kube: Option<kube::Client>,
     app_probes: Option<Arc<AppProbes>>,
+    /// The pod's own address (`POD_IP`), where the app probes go by default.
+    pod_ip: Option<IpAddr>,
     /// Pod annotations (via the environment) that could not be used; counted at start.
     pod_errors: Vec<crate::policy::AnnotationError>,
 }
@@ -101,6 +116,7 @@ impl App {
             shutdown: CancellationToken::new(),
             kube: None,
             app_probes: None,
+            pod_ip: None,
             pod_errors: Vec::new(),
         })
     }
@@ -121,6 +137,12 @@ impl App {
     /// server's `/app-health/<container>/<probe>`.
     pub fn set_app_probes(&mut self, probes: Option<AppProbes>) {
         self.app_probes = probes.map(Arc::new);
+    }
+
+    /// The pod's own address (`POD_IP`, from `status.podIP`): the app probes run against it
+    /// unless `inbound.app_host` says otherwise (see [`crate::pod::probe_host`]).
+    pub fn set_pod_ip(&mut self, ip: Option<IpAddr>) {
+        self.pod_ip = ip;
     }
 
     pub fn set_pod_errors(&mut self, errors: Vec<crate::policy::AnnotationError>) {
@@ -167,6 +189,7 @@ impl App {
             metrics.clone(),
             readiness.clone(),
             drain.clone(),
+            self.addresses.own_ports(),
         );
         // Services named up front are resolved at startup, so readiness waits for them.
         for s in &self.config.discovery.static_services {
@@ -196,11 +219,7 @@ impl App {
             started: Instant::now(),
             detail: Box::new(move || detail.detail()),
             app_probes: self.app_probes.take(),
-            app_host: self
-                .config
-                .inbound
-                .as_ref()
-                .map_or(IpAddr::from([127, 0, 0, 1]), |i| i.app_host.0),
+            probe_host: crate::pod::probe_host(self.config.inbound.as_ref(), self.pod_ip),
             dependencies,
             ready_requires: self.config.health.ready_requires,
             outage_grace: self.config.health.outage_grace.0,

@@ -223,8 +223,10 @@ impl Default for OutboundConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct InboundConfig {
     pub listen: Addr,
-    /// Inbound traffic is delivered to `app_host:<original destination port>`.
-    pub app_host: Host,
+    /// Where inbound traffic is delivered: by default the connection's original destination
+    /// (the pod's own address and the port the caller asked for), so that ports the app binds
+    /// to loopback stay private; `loopback`, or a fixed IP address, with the original port.
+    pub app_host: AppHost,
     /// Requests to the local app in flight at once; more are refused at once (503, or
     /// RESOURCE_EXHAUSTED for gRPC). Default: no limit.
     pub concurrency_limit: Option<u32>,
@@ -239,7 +241,7 @@ impl Default for InboundConfig {
     fn default() -> Self {
         InboundConfig {
             listen: Addr(DEFAULT_INBOUND.parse().expect("valid default")),
-            app_host: Host(IpAddr::from([127, 0, 0, 1])),
+            app_host: AppHost::OriginalDst,
             concurrency_limit: None,
             rate_limit: None,
             rate_limit_burst: None,
@@ -675,16 +677,58 @@ impl<'de> Deserialize<'de> for Addr {
     }
 }
 
-/// An IP address written as a string.
+/// `inbound.app_host`: where the inbound listener delivers a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Host(pub IpAddr);
+pub enum AppHost {
+    /// `original_dst` (the default): the connection's original destination, address and
+    /// port: the pod's own address, as kubelet and an unmeshed caller reach the app. A port the
+    /// app binds to loopback only stays unreachable from other pods.
+    OriginalDst,
+    /// `loopback`: 127.0.0.1 (`::1` for an IPv6 connection) at the original port, meshlet's
+    /// behaviour before the inbound address change: every port the app binds to loopback is
+    /// reachable from other pods through the inbound listener. The opt-out for apps that
+    /// listen on loopback only (`meshlet.dev/inbound-to-loopback: "true"`).
+    Loopback,
+    /// A fixed address, at the original port.
+    Ip(IpAddr),
+}
 
-impl<'de> Deserialize<'de> for Host {
+impl AppHost {
+    /// Where a connection whose original destination is `dst` is delivered.
+    pub fn deliver_to(self, dst: SocketAddr) -> SocketAddr {
+        match self {
+            AppHost::OriginalDst => dst,
+            AppHost::Loopback if dst.is_ipv6() => {
+                SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), dst.port())
+            }
+            AppHost::Loopback => SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dst.port()),
+            AppHost::Ip(ip) => SocketAddr::new(ip, dst.port()),
+        }
+    }
+}
+
+impl fmt::Display for AppHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AppHost::OriginalDst => f.write_str("original_dst"),
+            AppHost::Loopback => f.write_str("loopback"),
+            AppHost::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AppHost {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = scalar_string(d)?;
-        s.parse()
-            .map(Host)
-            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an IP address")))
+        match s.trim() {
+            "original_dst" => Ok(AppHost::OriginalDst),
+            "loopback" => Ok(AppHost::Loopback),
+            t => t.parse().map(AppHost::Ip).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "{s:?} is not an IP address, `original_dst` (the default) or `loopback`"
+                ))
+            }),
+        }
     }
 }
 
@@ -1158,6 +1202,39 @@ workers: 2
         assert_eq!(c.discovery.static_services[0].endpoints.len(), 3);
         assert_eq!(c.worker_threads(), 2);
         assert_eq!(c.outbound.unwrap().listen.0.port(), 7140);
+    }
+
+    #[test]
+    fn inbound_app_host_is_the_original_destination_unless_set() {
+        let dst: SocketAddr = "198.18.0.1:8080".parse().unwrap();
+        let dst6: SocketAddr = "[2001:2::1]:8080".parse().unwrap();
+        let host = |text: &str| {
+            Config::parse("c.yaml", text)
+                .unwrap()
+                .inbound
+                .unwrap()
+                .app_host
+        };
+        let default = host("inbound: {}\n");
+        assert_eq!(default, AppHost::OriginalDst);
+        assert_eq!(default.deliver_to(dst), dst);
+        assert_eq!(
+            host("inbound:\n  app_host: original_dst\n"),
+            AppHost::OriginalDst
+        );
+        let lo = host("inbound:\n  app_host: loopback\n");
+        assert_eq!(lo.deliver_to(dst).to_string(), "127.0.0.1:8080");
+        assert_eq!(lo.deliver_to(dst6).to_string(), "[::1]:8080");
+        let fixed = host("inbound:\n  app_host: 198.18.0.7\n");
+        assert_eq!(fixed.deliver_to(dst).to_string(), "198.18.0.7:8080");
+        let e = err("inbound:\n  app_host: localhost\n");
+        assert!(
+            e.starts_with(
+                "config.yaml: inbound.app_host: \"localhost\" is not an IP address, \
+                 `original_dst` (the default) or `loopback`"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -110,8 +110,8 @@ fn proxy(path: Option<PathBuf>, log_json: bool, sidecar: bool) -> ExitCode {
         }
         Some(other) => Some(other.to_string()),
     };
-    // Inbound limits and opaque ports from the pod's annotations, which the injector passes as
-    // MESHLET_* env.
+    // Inbound limits, opaque ports and inbound delivery from the pod's annotations, which the
+    // injector passes as MESHLET_* env.
     let pod_errors = meshlet::pod::apply(&mut config, |k| std::env::var(k).ok());
     let app_probes = match app_probes() {
         Ok(p) => p,
@@ -153,6 +153,12 @@ fn proxy(path: Option<PathBuf>, log_json: bool, sidecar: bool) -> ExitCode {
             }
         };
         app.set_app_probes(app_probes);
+        // The pod's address (the injector passes status.podIP): where the app probes go.
+        app.set_pod_ip(
+            std::env::var("POD_IP")
+                .ok()
+                .and_then(|v| v.trim().parse().ok()),
+        );
         app.set_pod_errors(pod_errors);
         if let Err(e) = app.connect().await {
             fatal(&format!("discovery.kubernetes: {e}"));

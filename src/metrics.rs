@@ -55,6 +55,9 @@ pub struct Metrics {
     pub idle_timeouts: IntCounterVec,
     /// Inbound requests refused by the concurrency or rate limit.
     pub inbound_refused: IntCounterVec,
+    /// Inbound connections refused before anything is forwarded: to one of meshlet's own
+    /// ports (`meshlet_port`), or to an address that is not the pod's (`not_local`).
+    pub inbound_connections_refused: IntCounterVec,
     /// 1 for each dependency's current state, 0 for its other states.
     pub dependency_state: IntGaugeVec,
     /// Dependency state changes (after hysteresis), by the state changed to.
@@ -221,6 +224,12 @@ impl Metrics {
                 "meshlet_inbound_refused_total",
                 "Inbound requests refused at once by a limit (concurrency, rate)",
                 &["limit"],
+            ),
+            inbound_connections_refused: counter(
+                &r,
+                "meshlet_inbound_connections_refused_total",
+                "Inbound connections closed unforwarded: to meshlet's own ports (meshlet_port) or to an address not of this pod (not_local)",
+                &["reason"],
             ),
             dependency_state: gauge(
                 &r,

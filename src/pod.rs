@@ -1,10 +1,15 @@
 //! Settings that belong to the sidecar's own pod, set by the pod's `meshlet.dev/*`
-//! annotations. The injector copies those annotations into the sidecar's environment
+//! annotations (inbound limits, opaque ports, inbound delivery to loopback), and where its app
+//! probes go. The injector copies those annotations into the sidecar's environment
 //! (`MESHLET_<KEY>`), so the proxy needs no permission to read its own Pod. A bad value is
 //! treated like a bad annotation on a Service: logged with the key and value, counted in
 //! `meshlet_policy_errors_total{service="pod"}`, and ignored (the config file's value stays).
 
-use crate::config::{CONCURRENCY_LIMIT, Config, RATE_LIMIT, RATE_LIMIT_BURST};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::config::{
+    AppHost, CONCURRENCY_LIMIT, Config, InboundConfig, RATE_LIMIT, RATE_LIMIT_BURST,
+};
 use crate::policy::AnnotationError;
 
 /// The pod annotations carried in the environment: (annotation, environment variable).
@@ -17,12 +22,72 @@ pub const POD_ENV: &[(&str, &str)] = &[
 /// The pod's (or its namespace's) `meshlet.dev/opaque-ports`, as the injector passes it.
 pub const OPAQUE_PORTS: (&str, &str) = ("meshlet.dev/opaque-ports", "MESHLET_OPAQUE_PORTS");
 
-/// Every pod setting carried in the environment: the inbound limits and the opaque ports.
-/// Returns the values that could not be used.
+/// The pod's `meshlet.dev/inbound-to-loopback`, as the injector passes it: the opt-out of
+/// inbound delivery to the pod's own address (see `inbound.app_host`).
+pub const INBOUND_TO_LOOPBACK: (&str, &str) = (
+    "meshlet.dev/inbound-to-loopback",
+    "MESHLET_INBOUND_TO_LOOPBACK",
+);
+
+/// Every pod setting carried in the environment: the inbound limits, the opaque ports and
+/// inbound delivery to loopback. Returns the values that could not be used.
 pub fn apply(config: &mut Config, get: impl Fn(&str) -> Option<String>) -> Vec<AnnotationError> {
     let mut errors = apply_inbound_limits(config, &get);
     errors.extend(apply_opaque_ports(config, &get));
+    errors.extend(apply_inbound_to_loopback(config, &get));
     errors
+}
+
+/// `MESHLET_INBOUND_TO_LOOPBACK`: `true` sets `inbound.app_host` to `loopback` (when there is
+/// an inbound section); `false` leaves the file's choice.
+pub fn apply_inbound_to_loopback(
+    config: &mut Config,
+    get: impl Fn(&str) -> Option<String>,
+) -> Vec<AnnotationError> {
+    let (annotation, var) = INBOUND_TO_LOOPBACK;
+    let (Some(inbound), Some(value)) = (config.inbound.as_mut(), get(var)) else {
+        return Vec::new();
+    };
+    match inbound_to_loopback(&value) {
+        Ok(true) => inbound.app_host = AppHost::Loopback,
+        Ok(false) => {}
+        Err(error) => {
+            return vec![AnnotationError {
+                key: annotation.to_string(),
+                value,
+                error,
+            }];
+        }
+    }
+    Vec::new()
+}
+
+/// `meshlet.dev/inbound-to-loopback`: `true` or `false`.
+pub fn inbound_to_loopback(v: &str) -> Result<bool, String> {
+    match v.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("{v:?} is not true or false")),
+    }
+}
+
+/// The address meshlet runs the app's kubelet probes against (`/app-health`): the address the
+/// inbound listener delivers to, so that a probe reaches the app where its callers do. By
+/// default that is the pod's own address (`POD_IP`, which the injector passes from
+/// `status.podIP`), the very address kubelet probes when the pod is not meshed: a port the app
+/// binds to loopback only fails its probe as it would without meshlet. Outside a pod (no
+/// `POD_IP`), 127.0.0.1. With `loopback` (the opt-out), loopback of the pod's family.
+pub fn probe_host(inbound: Option<&InboundConfig>, pod_ip: Option<IpAddr>) -> IpAddr {
+    let app_host = inbound.map_or(AppHost::OriginalDst, |i| i.app_host);
+    let loopback = match pod_ip {
+        Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+    };
+    match app_host {
+        AppHost::Ip(ip) => ip,
+        AppHost::Loopback => loopback,
+        AppHost::OriginalDst => pod_ip.unwrap_or(loopback),
+    }
 }
 
 /// Adds the ports of `MESHLET_OPAQUE_PORTS` (ports and ranges, `5432,8000-8010`) to
@@ -162,6 +227,46 @@ mod tests {
             errors[0].error.contains("\"db\" is not a port"),
             "{}",
             errors[0].error
+        );
+    }
+
+    #[test]
+    fn inbound_to_loopback_is_the_opt_out_of_original_destination_delivery() {
+        let parse = |t| Config::parse("c.yaml", t).unwrap();
+        let mut c = parse("inbound: {}\n");
+        assert!(apply(&mut c, env(&[])).is_empty());
+        assert_eq!(c.inbound.as_ref().unwrap().app_host, AppHost::OriginalDst);
+        apply(&mut c, env(&[("MESHLET_INBOUND_TO_LOOPBACK", " true ")]));
+        assert_eq!(c.inbound.as_ref().unwrap().app_host, AppHost::Loopback);
+
+        // "false" keeps the file's choice; anything else is reported and ignored.
+        let mut c = parse("inbound:\n  app_host: 198.18.0.9\n");
+        apply(&mut c, env(&[("MESHLET_INBOUND_TO_LOOPBACK", "false")]));
+        let fixed = AppHost::Ip("198.18.0.9".parse().unwrap());
+        assert_eq!(c.inbound.as_ref().unwrap().app_host, fixed);
+        let errors = apply(&mut c, env(&[("MESHLET_INBOUND_TO_LOOPBACK", "yes")]));
+        assert_eq!(c.inbound.as_ref().unwrap().app_host, fixed);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].key, "meshlet.dev/inbound-to-loopback");
+        assert_eq!(errors[0].error, "\"yes\" is not true or false");
+    }
+
+    #[test]
+    fn probes_go_where_inbound_traffic_goes() {
+        let pod4: IpAddr = "198.18.0.1".parse().unwrap();
+        let pod6: IpAddr = "2001:2::1".parse().unwrap();
+        let inbound = |t: &str| Config::parse("c.yaml", t).unwrap().inbound;
+        let default = inbound("inbound: {}\n");
+        assert_eq!(probe_host(default.as_ref(), Some(pod4)), pod4);
+        assert_eq!(probe_host(None, Some(pod6)), pod6);
+        assert_eq!(probe_host(default.as_ref(), None).to_string(), "127.0.0.1");
+        let lo = inbound("inbound:\n  app_host: loopback\n");
+        assert_eq!(probe_host(lo.as_ref(), Some(pod4)).to_string(), "127.0.0.1");
+        assert_eq!(probe_host(lo.as_ref(), Some(pod6)).to_string(), "::1");
+        let fixed = inbound("inbound:\n  app_host: 198.18.0.7\n");
+        assert_eq!(
+            probe_host(fixed.as_ref(), Some(pod4)).to_string(),
+            "198.18.0.7"
         );
     }
 

@@ -3,10 +3,10 @@
 //! (util-linux) tools. Each test skips, with a message, when it cannot run.
 //!
 //! Each test gets a network namespace of its own (see `support/netns.rs`) where the local app
-//! listens on 127.0.0.1:8080 and connections to the pod's address 198.18.0.1:8080 are
-//! redirected (iptables NAT) to meshlet's inbound listener 127.0.0.1:7150, as a sidecar's
-//! inbound rules do; meshlet, the binary, runs as uid 7102 and delivers to
-//! `app_host:<original port>`, 127.0.0.1:8080.
+//! listens on the pod's address 198.18.0.1:8080 and connections to it are redirected (iptables
+//! NAT) to meshlet's inbound listener 127.0.0.1:7150, as a sidecar's inbound rules do, save
+//! meshlet's own; meshlet, the binary, runs as uid 7102 and delivers to the original
+//! destination, 198.18.0.1:8080.
 
 #[path = "support/netns.rs"]
 mod netns;
@@ -30,14 +30,21 @@ const INBOUND_PORT: u16 = 7150;
 
 /// The namespace, with the inbound redirect on top of the outbound rules `Netns::create` adds:
 /// connections to the app's port on the pod address go to the inbound listener. OUTPUT for
-/// clients inside the namespace (the ones these tests have), PREROUTING for any from outside.
+/// clients inside the namespace (the ones these tests have), except meshlet's own (uid 7102:
+/// its delivery to that very address), PREROUTING for any from outside.
 fn create_netns() -> Netns {
     let ns = Netns::create(Family::V4, &[POD_ADDR], &[], ADMIN.parse().unwrap());
     let (port, to) = (APP_PORT.to_string(), INBOUND_PORT.to_string());
+    let uid = netns::MESHLET_UID.to_string();
     ns.iptables(&[
         "-I",
         "OUTPUT",
         "1",
+        "-m",
+        "owner",
+        "!",
+        "--uid-owner",
+        &uid,
         "-p",
         "tcp",
         "-d",
@@ -75,11 +82,9 @@ fn pod() -> SocketAddr {
     format!("{POD_ADDR}:{APP_PORT}").parse().unwrap()
 }
 
-/// The local app inside the namespace.
+/// The local app inside the namespace, on the pod's address.
 async fn app(ns: &Netns, delay: Duration) -> Backend {
-    let l = ns
-        .listen(format!("127.0.0.1:{APP_PORT}").parse().unwrap())
-        .await;
+    let l = ns.listen(pod()).await;
     Backend::serve(l, "app", delay)
 }
 

@@ -475,6 +475,12 @@ impl Builder<'_> {
                 "MESHLET_RATE_LIMIT_BURST",
                 check_rate_limit_burst,
             ),
+            // The opt-out of inbound delivery to the pod's address: see crate::pod.
+            (
+                crate::pod::INBOUND_TO_LOOPBACK.0,
+                crate::pod::INBOUND_TO_LOOPBACK.1,
+                check_inbound_to_loopback,
+            ),
         ];
         for (key, var, check) in list {
             if let Some(v) = self.valid(key, check) {
@@ -668,6 +674,10 @@ fn check_rate_limit(v: &str) -> Result<(), String> {
 
 fn check_rate_limit_burst(v: &str) -> Result<(), String> {
     refused(crate::pod::rate_limit_burst(v))
+}
+
+fn check_inbound_to_loopback(v: &str) -> Result<(), String> {
+    refused(crate::pod::inbound_to_loopback(v))
 }
 
 fn refused<T>(r: Result<T, String>) -> Result<(), String> {

@@ -64,6 +64,7 @@ mod tests {
             Arc::new(crate::metrics::Metrics::new()),
             Default::default(),
             Default::default(),
+            Vec::new(),
         )
     }
 

@@ -9,8 +9,9 @@ pub mod edge;
 pub mod http;
 pub mod tcp;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::balance::{BalanceSettings, Balancer, Endpoint};
-use crate::config::{Config, ServiceRef};
+use crate::config::{AppHost, Config, ServiceRef};
 use crate::discovery::{DeclaredProtocol, Resolve};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicySpec};
@@ -116,7 +117,7 @@ impl Route {
 }
 
 /// A destination as the data path sees it: the route plus what it records. Built once per
-/// service (or inbound port) and shared by every connection to it.
+/// service (or inbound delivery address) and shared by every connection to it.
 pub struct Target {
     pub direction: Direction,
     /// The metric label: `name.namespace`, `app:<port>` inbound, `passthrough`.
@@ -254,10 +255,18 @@ pub struct Proxy {
     /// `detect.opaque_ports` and `detect.server_first_ports` (see [`Proxy::declared_protocol`]).
     opaque_ports: crate::discovery::PortSet,
     outbound: Mutex<HashMap<ServiceRef, Arc<Target>>>,
-    inbound: Mutex<HashMap<u16, Arc<Target>>>,
+    /// Inbound targets by delivery address: the original destination (`inbound.app_host:
+    /// original_dst`, the default), else `app_host:<original port>`.
+    inbound: Mutex<HashMap<SocketAddr, Arc<Target>>>,
     passthrough: Arc<Target>,
     limits: Option<Arc<InboundLimits>>,
-    app_host: IpAddr,
+    app_host: AppHost,
+    /// meshlet's own ports and their listeners' names: inbound never forwards to them.
+    own_ports: Vec<(u16, &'static str)>,
+    /// Own ports already warned about (each is logged at warn once, then at debug).
+    warned_ports: Mutex<HashSet<u16>>,
+    /// Whether a non-local original destination was already warned about.
+    warned_not_local: AtomicBool,
     pub tasks: TaskTracker,
     pub drain: CancellationToken,
 }
@@ -286,6 +295,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         readiness: Readiness,
         drain: CancellationToken,
+        own_ports: Vec<(u16, &'static str)>,
     ) -> Arc<Proxy> {
         let tasks = TaskTracker::new();
         let http = edge::Settings::from_config(&config.http);
@@ -333,7 +343,10 @@ impl Proxy {
             app_host: config
                 .inbound
                 .as_ref()
-                .map_or(IpAddr::from([127, 0, 0, 1]), |i| i.app_host.0),
+                .map_or(AppHost::OriginalDst, |i| i.app_host),
+            own_ports,
+            warned_ports: Mutex::new(HashSet::new()),
+            warned_not_local: AtomicBool::new(false),
             tasks,
             drain,
         })
@@ -403,26 +416,79 @@ impl Proxy {
         serde_json::json!({ "services": services })
     }
 
-    /// The inbound target for a local app port.
-    fn inbound_target(&self, port: u16) -> Arc<Target> {
+    /// The inbound target for a connection's original destination `dst`: delivered to `dst`
+    /// itself (the default) or to `inbound.app_host` at `dst`'s port. `None` (counted and
+    /// logged) when the delivery address would be `dst` but `dst` is not an address of this
+    /// pod: only a crafted packet gets here with such a destination, and forwarding it would
+    /// make the sidecar an open relay to anywhere its pod may connect.
+    fn inbound_target(&self, dst: SocketAddr) -> Option<Arc<Target>> {
+        let to = self.app_host.deliver_to(dst);
+        if let Some(t) = lock(&self.inbound).get(&to) {
+            return Some(t.clone());
+        }
+        if self.app_host == AppHost::OriginalDst && !is_own_address(dst.ip()) {
+            self.refuse_inbound("not_local");
+            if self.warned_not_local.swap(true, Ordering::Relaxed) {
+                tracing::debug!(%dst, "refusing an inbound connection to an address not of this pod");
+            } else {
+                tracing::warn!(
+                    %dst,
+                    "refusing an inbound connection to an address not of this pod (a crafted \
+                     packet?); further ones are logged at debug"
+                );
+            }
+            return None;
+        }
+        let port = dst.port();
         let mut map = lock(&self.inbound);
-        map.entry(port)
-            .or_insert_with(|| {
-                let label: Arc<str> = format!("app:{port}").into();
-                Arc::new(Target::new(
-                    Direction::Inbound,
-                    label,
-                    Route::Fixed(
-                        Endpoint::new(SocketAddr::new(self.app_host, port), self.settings),
-                        Arc::new(self.inbound_policy()),
-                    ),
-                    &self.metrics,
-                    &self.tasks,
-                    self.limits.clone(),
-                    self.http.stream_idle_timeout,
-                ))
-            })
-            .clone()
+        let t = map.entry(to).or_insert_with(|| {
+            let label: Arc<str> = format!("app:{port}").into();
+            Arc::new(Target::new(
+                Direction::Inbound,
+                label,
+                Route::Fixed(
+                    Endpoint::new(to, self.settings),
+                    Arc::new(self.inbound_policy()),
+                ),
+                &self.metrics,
+                &self.tasks,
+                self.limits.clone(),
+                self.http.stream_idle_timeout,
+            ))
+        });
+        Some(t.clone())
+    }
+
+    /// Which of meshlet's own listeners has `port`, if one does.
+    fn own_port(&self, port: u16) -> Option<&'static str> {
+        self.own_ports
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, name)| *name)
+    }
+
+    fn refuse_inbound(&self, reason: &str) {
+        self.metrics
+            .inbound_connections_refused
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// Refuses an inbound connection to one of meshlet's own ports: forwarded, a remote caller
+    /// would reach the admin server (its `/shutdown`), the outbound or explicit listeners (an
+    /// open relay into the mesh) or this very listener (a loop). Logged at warn once per port.
+    fn refuse_own_port(&self, dst: SocketAddr, listener: &'static str) {
+        self.refuse_inbound("meshlet_port");
+        let port = dst.port();
+        if lock(&self.warned_ports).insert(port) {
+            tracing::warn!(
+                %dst, port, listener,
+                "refusing an inbound connection to meshlet's own port; further ones to this \
+                 port are logged at debug"
+            );
+        } else {
+            tracing::debug!(%dst, port, listener, "refusing an inbound connection to meshlet's own port");
+        }
     }
 
     /// Inbound delivery to the local app: the file's timeouts, but no retries, no breaker and
@@ -473,7 +539,7 @@ impl Proxy {
                     let _open = OpenConn(gauge);
                     match kind {
                         Listener::Outbound => this.outbound(stream, local).await,
-                        Listener::Inbound => this.inbound(stream, local).await,
+                        Listener::Inbound => this.inbound(stream).await,
                         Listener::Upstream(svc) => {
                             let t = this.service(&svc);
                             let declared = this.declared_protocol(Some(&svc), None);
@@ -546,11 +612,24 @@ impl Proxy {
         }
     }
 
-    async fn inbound(&self, stream: TcpStream, local: SocketAddr) {
-        let Some(dst) = self.original_dst(&stream, local, Direction::Inbound) else {
+    /// Inbound: delivered to the app at the original destination (or `inbound.app_host`),
+    /// never to meshlet's own ports, this listener's included (a connection that was not
+    /// redirected has the listener's own address as its original destination).
+    async fn inbound(&self, stream: TcpStream) {
+        let dst = match crate::socket::original_dst(&stream) {
+            Ok(dst) => dst,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the original destination");
+                return;
+            }
+        };
+        if let Some(listener) = self.own_port(dst.port()) {
+            return self.refuse_own_port(dst, listener);
+        }
+        let Some(t) = self.inbound_target(dst) else {
             return;
         };
-        let t = self.inbound_target(dst.port());
+        tracing::debug!(%dst, to = %self.app_host.deliver_to(dst), "inbound");
         let declared = self.declared_protocol(None, Some(dst.port()));
         self.detect_and_proxy(stream, &t, dst, declared).await
     }
@@ -871,4 +950,41 @@ async fn h2_idle(state: &edge::ConnState, idle: Duration) {
 /// Called only when a connection's original port equals our listener's, so rarely.
 fn is_local_ip(ip: IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+/// Whether `ip` is an address of this host (the pod), by the kernel's own routing: a UDP
+/// socket connected to a local address gets that very address as its source (the local
+/// table's route says so), any other gets the address of the interface it would leave by.
+/// Unlike a bind test, `net.ipv4.ip_nonlocal_bind` does not fool it. Nothing is sent.
+/// Called once per new inbound delivery address and for each refused connection.
+fn is_own_address(ip: IpAddr) -> bool {
+    if ip.is_loopback() {
+        return true;
+    }
+    let any: IpAddr = match ip {
+        IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let Ok(s) = std::net::UdpSocket::bind((any, 0)) else {
+        return false;
+    };
+    s.connect((ip, 9)).is_ok() && s.local_addr().is_ok_and(|a| a.ip() == ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_own_address;
+
+    #[test]
+    fn own_addresses_are_told_from_others() {
+        assert!(is_own_address("127.0.0.1".parse().unwrap()));
+        assert!(is_own_address("127.0.0.53".parse().unwrap()));
+        // Documentation ranges (RFC 5737, RFC 3849): never an address of this host.
+        assert!(!is_own_address("192.0.2.1".parse().unwrap()));
+        assert!(!is_own_address("0.0.0.0".parse().unwrap()));
+        if std::path::Path::new("/proc/net/if_inet6").exists() {
+            assert!(is_own_address("::1".parse().unwrap()));
+            assert!(!is_own_address("2001:db8::1".parse().unwrap()));
+        }
+    }
 }

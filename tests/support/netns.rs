@@ -128,35 +128,7 @@ impl Netns {
     /// returns for uid 7102 and for loopback and redirects every other TCP connection to
     /// port 7140, jumped to from OUTPUT.
     pub fn create(family: Family, addrs: &[&str], routes: &[&str], admin: SocketAddr) -> Netns {
-        let name = format!(
-            "{}-{}-{}",
-            family.ns_prefix(),
-            std::process::id(),
-            NEXT_NS.fetch_add(1, Ordering::SeqCst)
-        );
-        run("ip", &["netns", "add", &name]);
-        // From here on the guard removes the namespace, whatever fails next.
-        let ns = Netns {
-            name,
-            family,
-            admin,
-        };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns.ip(&["link", "add", "mv0", "type", "veth", "peer", "name", "mv1"]);
-        ns.ip(&["link", "set", "mv1", "up"]);
-        ns.ip(&["link", "set", "mv0", "up"]);
-        for a in addrs {
-            let cidr = format!("{a}/{}", family.prefix_len());
-            let mut args = vec!["addr", "add", &cidr, "dev", "mv0"];
-            if family == Family::V6 {
-                args.push("nodad");
-            }
-            ns.ip(&args);
-        }
-        for r in routes {
-            ns.ip(&["route", "add", r, "dev", "mv0"]);
-        }
-
+        let ns = Netns::bare(family, addrs, routes, admin);
         let uid = MESHLET_UID.to_string();
         let port = OUTBOUND_PORT.to_string();
         ns.iptables(&["-N", "MESHLET_OUTPUT"]);
@@ -191,6 +163,97 @@ impl Netns {
         ]);
         ns.iptables(&["-A", "OUTPUT", "-p", "tcp", "-j", "MESHLET_OUTPUT"]);
         ns
+    }
+
+    /// As [`Netns::create`] without any firewall rule: for tests that write their own, or
+    /// let `meshlet init` write them ([`Netns::meshlet_init`]).
+    pub fn bare(family: Family, addrs: &[&str], routes: &[&str], admin: SocketAddr) -> Netns {
+        let name = format!(
+            "{}-{}-{}",
+            family.ns_prefix(),
+            std::process::id(),
+            NEXT_NS.fetch_add(1, Ordering::SeqCst)
+        );
+        run("ip", &["netns", "add", &name]);
+        // From here on the guard removes the namespace, whatever fails next.
+        let ns = Netns {
+            name,
+            family,
+            admin,
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&["link", "add", "mv0", "type", "veth", "peer", "name", "mv1"]);
+        ns.ip(&["link", "set", "mv1", "up"]);
+        ns.ip(&["link", "set", "mv0", "up"]);
+        for a in addrs {
+            let cidr = format!("{a}/{}", family.prefix_len());
+            let mut args = vec!["addr", "add", &cidr, "dev", "mv0"];
+            if family == Family::V6 {
+                args.push("nodad");
+            }
+            ns.ip(&args);
+        }
+        for r in routes {
+            ns.ip(&["route", "add", r, "dev", "mv0"]);
+        }
+        ns
+    }
+
+    /// Another pod: a namespace of its own on the far end of the veth pair (`mv1`, moved out
+    /// of this namespace) holding `addr`, on the same subnet. No firewall rules: its
+    /// connections reach this namespace as a remote caller's would (through `PREROUTING`).
+    /// Deleted on drop, like this one.
+    pub fn peer(&self, addr: &str) -> Netns {
+        let name = format!("{}-peer", self.name);
+        run("ip", &["netns", "add", &name]);
+        let peer = Netns {
+            name,
+            family: self.family,
+            admin: self.admin,
+        };
+        peer.ip(&["link", "set", "lo", "up"]);
+        self.ip(&["link", "set", "mv1", "netns", &peer.name]);
+        let cidr = format!("{addr}/{}", self.family.prefix_len());
+        let mut args = vec!["addr", "add", &cidr, "dev", "mv1"];
+        if self.family == Family::V6 {
+            args.push("nodad");
+        }
+        peer.ip(&args);
+        peer.ip(&["link", "set", "mv1", "up"]);
+        peer
+    }
+
+    /// Runs `meshlet init` (the built binary, as root) in the namespace: the pod's real NAT
+    /// rules, as the injected init container writes them.
+    pub fn meshlet_init(&self, args: &[&str]) {
+        let mut all = vec![
+            "netns",
+            "exec",
+            &self.name,
+            env!("CARGO_BIN_EXE_meshlet"),
+            "init",
+        ];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    }
+
+    /// A NAT chain's rules with their packet counters (`iptables -L -v -x`): (packets, rule).
+    pub fn nat_counters(&self, chain: &str) -> Vec<(u64, String)> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, self.family.iptables()])
+            .args(["-w", "-t", "nat", "-L", chain, "-n", "-v", "-x"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run iptables -L");
+        assert!(out.status.success(), "iptables -L {chain}: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(2)
+            .filter_map(|l| {
+                let pkts = l.split_whitespace().next()?.parse().ok()?;
+                Some((pkts, l.to_string()))
+            })
+            .collect()
     }
 
     pub fn ip(&self, args: &[&str]) {
@@ -312,6 +375,11 @@ pub struct MeshletProcess {
 
 impl MeshletProcess {
     pub async fn start(ns: &Netns, yaml: &str) -> MeshletProcess {
+        Self::start_with_env(ns, yaml, &[]).await
+    }
+
+    /// As [`MeshletProcess::start`], with environment variables (what the injector sets).
+    pub async fn start_with_env(ns: &Netns, yaml: &str, env: &[(&str, &str)]) -> MeshletProcess {
         // Readable by uid 7102: a 0755 directory holding a 0644 file.
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -331,6 +399,8 @@ impl MeshletProcess {
             .arg(&config)
             .env_remove("RUST_LOG")
             .env_remove("MESHLET_CONFIG")
+            .env_remove("POD_IP")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file.try_clone().unwrap()))
             .stderr(Stdio::from(log_file))
@@ -343,6 +413,11 @@ impl MeshletProcess {
         };
         m.wait_ready(ns).await;
         m
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
     }
 
     pub fn log(&self) -> String {
