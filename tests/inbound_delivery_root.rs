@@ -258,7 +258,49 @@ async fn delivery(test: &str, loopback: bool) {
         None,
         "{text}"
     );
+    if loopback {
+        return;
+    }
+
+    // A crafted packet: addressed to 198.18.5.5 (not the pod's) but sent to the pod's MAC
+    // address. The redirect takes it to the inbound listener all the same; forwarded to its
+    // original destination, meshlet would connect anywhere on the caller's behalf. Refused.
+    let mac = link_address(&pod, "mv0");
+    peer.ip(&["neigh", "add", "198.18.5.5", "lladdr", &mac, "dev", "mv1"]);
+    peer.ip(&["route", "add", "198.18.5.5/32", "dev", "mv1"]);
+    let answer = exchange(
+        &peer,
+        "198.18.5.5:8083".parse().unwrap(),
+        b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(answer, "", "a connection to another address was forwarded");
+    assert_eq!(redirected(&pod, "MESHLET_IN_REDIRECT"), 6);
+    let text = pod.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"meshlet_inbound_connections_refused_total{reason="not_local"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
     drop(m);
+}
+
+/// The hardware address of a namespace's interface.
+fn link_address(ns: &Netns, dev: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "-o", "link", "show", dev])
+        .output()
+        .expect("run ip link show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "link/ether");
+    words
+        .next()
+        .unwrap_or_else(|| panic!("no link/ether in {text:?}"))
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
