@@ -803,6 +803,7 @@ impl Proxy {
         if up.is_none() {
             // Nothing to talk to: a server-speaks-first client learns it at once, and an HTTP
             // client that connected ahead of use connects again when it has a request.
+            self.count_conn(t.direction, Protocol::Tcp.as_str());
             return;
         }
         let quiet_until = tokio::time::sleep(idle);
