@@ -174,6 +174,7 @@ pub fn fd_limit() -> Option<u64> {
     {
         return None;
     }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, not on every target
     Some(r.rlim_cur as u64)
 }
 
