@@ -51,7 +51,8 @@ pub struct App {
     config: Config,
     admin_listener: TcpListener,
     grpc_listener: Option<TcpListener>,
-    listeners: Vec<(Listener, TcpListener)>,
+    /// Each proxy listener, with its connection cap.
+    listeners: Vec<(Listener, TcpListener, u32)>,
     addresses: Addresses,
     shutdown: CancellationToken,
     kube: Option<kube::Client>,
@@ -85,6 +86,16 @@ impl App {
                 source,
             })
         };
+        // Connection caps: the configured ones, else a share of what the memory limit holds.
+        let proxy_listeners = usize::from(config.outbound.is_some())
+            + usize::from(config.inbound.is_some())
+            + config.upstreams.len();
+        let default_cap = crate::limits::default_max_connections(
+            crate::limits::cgroup_memory_limit(),
+            crate::limits::fd_limit(),
+            proxy_listeners,
+        );
+        let cap = |c: Option<crate::config::MaxConnections>| c.map_or(default_cap, |c| c.0);
         let mut grpc_listener = None;
         if let Some(g) = &config.admin.grpc_listen {
             let l = socket::bind(g.0, "admin.grpc_listen")?;
@@ -94,18 +105,22 @@ impl App {
         if let Some(o) = &config.outbound {
             let l = socket::bind(o.listen.0, "outbound.listen")?;
             addresses.outbound = Some(local(&l, "outbound.listen", o.listen.0)?);
-            listeners.push((Listener::Outbound, l));
+            listeners.push((Listener::Outbound, l, cap(o.max_connections)));
         }
         if let Some(i) = &config.inbound {
             let l = socket::bind(i.listen.0, "inbound.listen")?;
             addresses.inbound = Some(local(&l, "inbound.listen", i.listen.0)?);
-            listeners.push((Listener::Inbound, l));
+            listeners.push((Listener::Inbound, l, cap(i.max_connections)));
         }
         for (n, u) in config.upstreams.iter().enumerate() {
             let what = format!("upstreams[{n}].listen");
             let l = socket::bind(u.listen.0, &what)?;
             addresses.upstreams.push(local(&l, &what, u.listen.0)?);
-            listeners.push((Listener::Upstream(u.service.clone()), l));
+            listeners.push((
+                Listener::Upstream(u.service.clone()),
+                l,
+                cap(u.max_connections),
+            ));
         }
         Ok(App {
             config,
@@ -237,11 +252,11 @@ impl App {
         let admin_task = tokio::spawn(admin.serve(self.admin_listener, admin_stop.clone()));
 
         let mut servers = Vec::new();
-        for (kind, l) in self.listeners {
+        for (kind, l, max_connections) in self.listeners {
             let address = l.local_addr().ok();
             let families = address.map(socket::families);
-            tracing::info!(listener = ?kind, ?address, families, "listening");
-            servers.push(tokio::spawn(proxy.clone().serve(l, kind)));
+            tracing::info!(listener = ?kind, ?address, families, max_connections, "listening");
+            servers.push(tokio::spawn(proxy.clone().serve(l, kind, max_connections)));
         }
         tracing::info!(
             admin = %self.addresses.admin,

@@ -209,12 +209,16 @@ pub enum ReadyRequires {
 #[serde(deny_unknown_fields, default)]
 pub struct OutboundConfig {
     pub listen: Addr,
+    /// Client connections open at once on this listener; more are closed at once (and
+    /// counted). Default: derived from the memory limit (see [`crate::limits::default_max_connections`]).
+    pub max_connections: Option<MaxConnections>,
 }
 
 impl Default for OutboundConfig {
     fn default() -> Self {
         OutboundConfig {
             listen: Addr(DEFAULT_OUTBOUND.parse().expect("valid default")),
+            max_connections: None,
         }
     }
 }
@@ -235,6 +239,9 @@ pub struct InboundConfig {
     pub rate_limit: Option<f64>,
     /// The token bucket's burst (default: one second's worth of `rate_limit`).
     pub rate_limit_burst: Option<u32>,
+    /// Client connections open at once on this listener; more are closed at once (and
+    /// counted). Default: derived from the memory limit.
+    pub max_connections: Option<MaxConnections>,
 }
 
 impl Default for InboundConfig {
@@ -245,6 +252,7 @@ impl Default for InboundConfig {
             concurrency_limit: None,
             rate_limit: None,
             rate_limit_burst: None,
+            max_connections: None,
         }
     }
 }
@@ -255,6 +263,10 @@ pub struct UpstreamConfig {
     pub listen: Addr,
     /// `name.namespace`, or `name.namespace:port` (a Service port) with Kubernetes discovery.
     pub service: ServiceRef,
+    /// Client connections open at once on this listener; more are closed at once (and
+    /// counted). Default: derived from the memory limit.
+    #[serde(default)]
+    pub max_connections: Option<MaxConnections>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -728,6 +740,27 @@ impl<'de> Deserialize<'de> for AppHost {
                     "{s:?} is not an IP address, `original_dst` (the default) or `loopback`"
                 ))
             }),
+        }
+    }
+}
+
+/// A listener's connection cap (`max_connections`): a positive count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxConnections(pub u32);
+
+impl<'de> Deserialize<'de> for MaxConnections {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = scalar_string(d)?;
+        match s.trim().parse::<u32>() {
+            Ok(0) => Err(serde::de::Error::custom(
+                "0 would refuse every connection; leave the key out for the default \
+                 (derived from the memory limit)",
+            )),
+            Ok(n) => Ok(MaxConnections(n)),
+            Err(_) => Err(serde::de::Error::custom(format!(
+                "{s:?} is not a number of connections (1 to {})",
+                u32::MAX
+            ))),
         }
     }
 }

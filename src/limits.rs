@@ -128,6 +128,101 @@ impl RateLimit {
     }
 }
 
+// ===== connection caps =====
+
+/// What one open client connection is budgeted to cost, user-space and kernel together (see
+/// README, "Memory": the measured worst kind, with headroom).
+pub const CONNECTION_BUDGET: u64 = 24 * 1024;
+/// Memory kept out of the connection budget: the idle proxy, its discovery state and the
+/// working memory of requests in flight.
+pub const MEMORY_RESERVE: u64 = 24 * 1024 * 1024;
+/// Connections (all listeners together) when no memory limit is known.
+pub const UNLIMITED_TOTAL: u64 = 32_768;
+/// No listener's default cap is below this, however small the memory limit.
+pub const MIN_PER_LISTENER: u64 = 64;
+/// File descriptors kept out of the connection budget (listeners, the admin server, the
+/// Kubernetes watches, logs).
+const FD_RESERVE: u64 = 256;
+
+/// The default `max_connections` of each of `listeners` proxy listeners: the connections that
+/// fit in the memory limit after [`MEMORY_RESERVE`], at [`CONNECTION_BUDGET`] each
+/// ([`UNLIMITED_TOTAL`] without a limit), and at most half the file descriptors left after a
+/// reserve (a proxied connection may hold two: the client's and the endpoint's), shared evenly
+/// by the listeners; at least [`MIN_PER_LISTENER`].
+pub fn default_max_connections(
+    memory_limit: Option<u64>,
+    fd_limit: Option<u64>,
+    listeners: usize,
+) -> u32 {
+    let by_memory = memory_limit.map_or(UNLIMITED_TOTAL, |m| {
+        m.saturating_sub(MEMORY_RESERVE) / CONNECTION_BUDGET
+    });
+    let by_fds = fd_limit.map_or(u64::MAX, |f| f.saturating_sub(FD_RESERVE) / 2);
+    let per = by_memory.min(by_fds) / listeners.max(1) as u64;
+    per.max(MIN_PER_LISTENER).min(u32::MAX as u64) as u32
+}
+
+/// This process's soft limit on open files (`RLIMIT_NOFILE`), if it has one.
+pub fn fd_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0
+        || r.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, not on every target
+    Some(r.rlim_cur as u64)
+}
+
+/// The memory limit this process runs under: the smallest limit of its cgroup and the cgroups
+/// above it, cgroup v2 (`memory.max`) or v1 (`memory.limit_in_bytes`). `None` without one.
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    memory_limit_from(&own, |path| std::fs::read_to_string(path).ok())
+}
+
+/// [`cgroup_memory_limit`] over `/proc/self/cgroup`'s text and a file reader. Every directory
+/// from the process's own cgroup up to the hierarchy's root is read, so that the limit is found
+/// both with a cgroup namespace (the own cgroup is the root) and without one (the path named
+/// in `/proc/self/cgroup` does not exist in the container's view, but the root is its cgroup).
+fn memory_limit_from(proc_cgroup: &str, read: impl Fn(&str) -> Option<String>) -> Option<u64> {
+    let mut limit: Option<u64> = None;
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (root, file) = if controllers.is_empty() {
+            ("/sys/fs/cgroup", "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        let mut dir = path.trim_end_matches('/').to_string();
+        loop {
+            if let Some(v) = read(&format!("{root}{dir}/{file}")) {
+                // "max" (v2) or a huge number (v1's "no limit", a page-rounded i64::MAX).
+                if let Ok(n) = v.trim().parse::<u64>() {
+                    if n < 1 << 60 {
+                        limit = Some(limit.map_or(n, |l| l.min(n)));
+                    }
+                }
+            }
+            match dir.rfind('/') {
+                Some(i) => dir.truncate(i),
+                None => break,
+            }
+        }
+    }
+    limit
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +321,91 @@ mod tests {
         let r = RateLimit::new(1e-30, 3);
         assert!(r.try_acquire(t0));
         assert!(!r.try_acquire(t0 + Duration::from_secs(3600)));
+    }
+    #[test]
+    fn default_connection_caps() {
+        let mib = 1024 * 1024;
+        // 64 MiB: what the reserve leaves, at the budget each, shared by two listeners.
+        let total = (64 * mib - MEMORY_RESERVE) / CONNECTION_BUDGET;
+        assert_eq!(
+            default_max_connections(Some(64 * mib), None, 2) as u64,
+            total / 2
+        );
+        assert_eq!(
+            default_max_connections(Some(64 * mib), None, 1) as u64,
+            total
+        );
+        // No memory limit: the fixed total.
+        assert_eq!(
+            default_max_connections(None, None, 2) as u64,
+            UNLIMITED_TOTAL / 2
+        );
+        // File descriptors bound it too: two per connection after the reserve.
+        assert_eq!(
+            default_max_connections(None, Some(1024), 1),
+            (1024 - 256) / 2
+        );
+        // A limit smaller than the reserve still admits some.
+        assert_eq!(
+            default_max_connections(Some(8 * mib), None, 3) as u64,
+            MIN_PER_LISTENER
+        );
+        assert_eq!(
+            default_max_connections(Some(64 * mib), None, 0),
+            default_max_connections(Some(64 * mib), None, 1)
+        );
+    }
+
+    #[test]
+    fn cgroup_memory_limits() {
+        use std::collections::HashMap;
+        let files = |entries: &[(&str, &str)]| {
+            let m: HashMap<String, String> = entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            move |p: &str| m.get(p).cloned()
+        };
+        // v2 with a cgroup namespace: the own cgroup is the root.
+        let f = files(&[("/sys/fs/cgroup/memory.max", "67108864\n")]);
+        assert_eq!(memory_limit_from("0::/\n", &f), Some(64 << 20));
+        // v2 without one: the own path and its parents; the smallest limit wins.
+        let f = files(&[
+            ("/sys/fs/cgroup/kubepods/pod1/c1/memory.max", "max\n"),
+            ("/sys/fs/cgroup/kubepods/pod1/memory.max", "134217728\n"),
+            ("/sys/fs/cgroup/memory.max", "max\n"),
+        ]);
+        assert_eq!(
+            memory_limit_from("0::/kubepods/pod1/c1\n", &f),
+            Some(128 << 20)
+        );
+        // v1 (hybrid hierarchy), the limit on the own cgroup; "no limit" is a huge number.
+        let f = files(&[
+            (
+                "/sys/fs/cgroup/memory/a/b/memory.limit_in_bytes",
+                "67108864\n",
+            ),
+            (
+                "/sys/fs/cgroup/memory/a/memory.limit_in_bytes",
+                "9223372036854771712\n",
+            ),
+            (
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                "9223372036854771712\n",
+            ),
+        ]);
+        let text = "12:cpu,cpuacct:/a/b\n4:memory:/a/b\n0::/\n";
+        assert_eq!(memory_limit_from(text, &f), Some(64 << 20));
+        // v1 in a container without a cgroup namespace: the named path is not there, the
+        // root of the mount is the container's cgroup.
+        let f = files(&[("/sys/fs/cgroup/memory/memory.limit_in_bytes", "33554432")]);
+        assert_eq!(
+            memory_limit_from("4:memory:/docker/abc\n", &f),
+            Some(32 << 20)
+        );
+        // No limit anywhere, or nothing readable.
+        let f = files(&[("/sys/fs/cgroup/memory.max", "max")]);
+        assert_eq!(memory_limit_from("0::/\n", &f), None);
+        assert_eq!(memory_limit_from("", &f), None);
     }
 }

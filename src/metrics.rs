@@ -19,6 +19,9 @@ pub struct Metrics {
     pub connections: IntCounterVec,
     /// Connections open now, by direction.
     pub open_connections: IntGaugeVec,
+    /// Connections closed at once on accept, by direction and reason (`limit`: the listener's
+    /// `max_connections`).
+    pub connections_refused: IntCounterVec,
     /// Bytes copied over opaque TCP and upgraded (e.g. WebSocket) connections.
     pub tcp_bytes: IntCounterVec,
     /// Endpoints known per service.
@@ -116,6 +119,12 @@ impl Metrics {
                 "meshlet_open_connections",
                 "Client connections open now",
                 &["direction"],
+            ),
+            connections_refused: counter(
+                &r,
+                "meshlet_connections_refused_total",
+                "Client connections closed at once on accept, by direction and reason (limit: the listener's max_connections)",
+                &["direction", "reason"],
             ),
             tcp_bytes: counter(
                 &r,

@@ -502,12 +502,31 @@ impl Proxy {
     }
 
     /// Accepts connections until the drain signal; each connection runs in a task of its own
-    /// inside a span named for its direction.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, kind: Listener) {
+    /// inside a span named for its direction. At most `max_connections` are open at once: one
+    /// more is accepted and closed at once with a reset (the client learns it without waiting
+    /// out a connect timeout in a full backlog, and nothing of it stays here), counted in
+    /// `meshlet_connections_refused_total{reason="limit"}`; the open ones are not disturbed.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        kind: Listener,
+        max_connections: u32,
+    ) {
         let local = match listener.local_addr() {
             Ok(a) => a,
             Err(_) => return,
         };
+        let direction = match kind {
+            Listener::Inbound => Direction::Inbound,
+            _ => Direction::Outbound,
+        };
+        let cap = crate::limits::ConcurrencyLimit::new(max_connections as usize);
+        let refused = self
+            .metrics
+            .connections_refused
+            .with_label_values(&[direction.as_str(), "limit"]);
+        let mut warned: Option<std::time::Instant> = None;
+        let mut refused_since_warning = 0u64;
         loop {
             let (stream, peer) = tokio::select! {
                 _ = self.drain.cancelled() => return,
@@ -521,16 +540,31 @@ impl Proxy {
                     }
                 },
             };
+            let Some(permit) = cap.try_acquire() else {
+                refused.inc();
+                refused_since_warning += 1;
+                let _ = stream.set_zero_linger();
+                drop(stream);
+                // One line per 10 s at most while the listener stays full.
+                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    tracing::warn!(
+                        listener = %local,
+                        max_connections,
+                        refused = refused_since_warning,
+                        "listener at its connection limit: refusing new connections (max_connections)"
+                    );
+                    warned = Some(std::time::Instant::now());
+                    refused_since_warning = 0;
+                }
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let kind = kind.clone();
-            let direction = match kind {
-                Listener::Inbound => Direction::Inbound,
-                _ => Direction::Outbound,
-            };
             let span = tracing::info_span!("conn", direction = direction.as_str(), %peer);
             self.tasks.spawn(
                 async move {
+                    let _permit = permit;
                     let gauge = this
                         .metrics
                         .open_connections
