@@ -86,6 +86,15 @@ fn classify(buf: &[u8]) -> Verdict {
     }
 }
 
+/// [`classify`] as an `Option` (`None`: more bytes are needed), for the fuzz targets in fuzz/.
+#[doc(hidden)]
+pub fn classify_prefix(buf: &[u8]) -> Option<Protocol> {
+    match classify(buf) {
+        Verdict::Is(p) => Some(p),
+        Verdict::NeedMore => None,
+    }
+}
+
 /// RFC 9110 token characters.
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
