@@ -446,11 +446,10 @@ impl Check {
     }
 }
 
-/// Resolves a probe's port as kubelet does: a number, or a container port name, or failing
-/// that a number written as a string.
-/// Percent-encodes what a request target cannot hold (spaces, controls, non-ASCII and
-/// `"<>\\^`{|}`), as kubelet's Go URL handling does: the API server accepts `path: /health check`
-/// and kubelet sends `GET /health%20check`. `%` is kept: a path already encoded stays as it is.
+/// Percent-encodes what a request target cannot hold (spaces, controls, non-ASCII, and `"`, `<`,
+/// `>`, `\`, `^`, the backquote, `{`, `|`, `}`), as kubelet's Go URL handling does: the API
+/// server accepts `path: /health check` and kubelet sends `GET /health%20check`. `%` is kept: a
+/// path already encoded stays as it is.
 fn escape_path(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     for b in path.bytes() {
@@ -463,6 +462,8 @@ fn escape_path(path: &str) -> String {
     out
 }
 
+/// Resolves a probe's port as kubelet does: a number, or a container port name, or failing
+/// that a number written as a string.
 fn resolve_port(
     what: &str,
     field: &str,
