@@ -933,7 +933,8 @@ impl Config {
                 let message = strip_yaml_path(&path, &e.into_inner().to_string());
                 ConfigError::Invalid {
                     file: file.to_string(),
-                    path: if path == "." {
+                    // "." for the document itself; "" for a key that is empty (`? ` alone).
+                    path: if path == "." || path.is_empty() {
                         "(top level)".to_string()
                     } else {
                         path
@@ -1299,6 +1300,12 @@ upstreams:
         );
         let e = err("bogus: 1\n");
         assert!(e.contains("unknown field `bogus`"), "{e}");
+        // Found by fuzz/ (config): an empty key had an empty key path, "c.yaml: : unknown ...".
+        let e = err("?\n");
+        assert!(
+            e.starts_with("config.yaml: (top level): unknown field ``"),
+            "{e}"
+        );
     }
 
     #[test]

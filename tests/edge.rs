@@ -790,3 +790,17 @@ async fn idle_http2_connections_get_goaway_after_the_idle_timeout() {
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(500), "closed after {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_gets_its_answer() {
+    let b = Echo::start().await;
+    let m = meshlet(&[b.addr], "").await;
+    let mut s = TcpStream::connect(m.upstream(0)).await.unwrap();
+    s.write_all(b"GET /half HTTP/1.1\r\nhost: web.default\r\n\r\n")
+        .await
+        .unwrap();
+    s.shutdown().await.unwrap();
+    let a = read_for(&mut s, Duration::from_secs(3)).await;
+    assert_eq!(status_of(&a), 200, "{a:?}");
+    assert!(a.contains("GET /half"), "{a}");
+}

@@ -223,7 +223,8 @@ fn status_trailers(code: u8, message: &str) -> HeaderMap {
 }
 
 /// `grpc-message` is percent-encoded (outside printable ASCII, and `%` itself).
-fn percent_encode(s: &str) -> String {
+#[doc(hidden)] // pub for the fuzz targets in fuzz/
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if (0x20..0x7f).contains(&b) && b != b'%' {

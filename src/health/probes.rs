@@ -282,7 +282,7 @@ impl Check {
             } else {
                 format!("/{raw}")
             };
-            let path = PathAndQuery::try_from(path.as_str()).map_err(|_| {
+            let path = PathAndQuery::try_from(escape_path(&path)).map_err(|_| {
                 format!("{what}: httpGet.path: {raw:?} is not a valid request path")
             })?;
             let mut headers = HeaderMap::new();
@@ -445,6 +445,22 @@ impl Check {
             }
         }
     }
+}
+
+/// Percent-encodes what a request target cannot hold (spaces, controls, non-ASCII, and `"`, `<`,
+/// `>`, `\`, `^`, the backquote, `{`, `|`, `}`), as kubelet's Go URL handling does: the API
+/// server accepts `path: /health check` and kubelet sends `GET /health%20check`. `%` is kept: a
+/// path already encoded stays as it is.
+fn escape_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.bytes() {
+        if b <= b' ' || b >= 0x7f || b"\"<>\\^`{|}".contains(&b) {
+            let _ = write!(out, "%{b:02X}");
+        } else {
+            out.push(char::from(b));
+        }
+    }
+    out
 }
 
 /// Resolves a probe's port as kubelet does: a number, or a container port name, or failing
@@ -767,7 +783,8 @@ async fn grpc_check(
 
 /// Decodes `grpc-message`, which the gRPC spec percent-encodes; a malformed escape is kept as
 /// it is.
-fn percent_decode(v: &[u8]) -> String {
+#[doc(hidden)] // pub for the fuzz targets in fuzz/
+pub fn percent_decode(v: &[u8]) -> String {
     let hex = |b: u8| char::from(b).to_digit(16);
     let mut out = Vec::with_capacity(v.len());
     let mut i = 0;
@@ -790,7 +807,8 @@ fn percent_decode(v: &[u8]) -> String {
 }
 
 /// `HealthCheckRequest { string service = 1; }` in a gRPC frame (uncompressed flag, length).
-fn encode_check_request(service: &str) -> Result<Bytes, String> {
+#[doc(hidden)] // pub for the fuzz targets in fuzz/
+pub fn encode_check_request(service: &str) -> Result<Bytes, String> {
     let mut msg = Vec::with_capacity(service.len() + 6);
     if !service.is_empty() {
         // Field 1, wire type 2 (length-delimited); proto3 leaves an empty string out.
@@ -830,7 +848,8 @@ pub(super) fn get_varint(buf: &[u8], at: &mut usize) -> Option<u64> {
 
 /// The `status` of a `HealthCheckResponse { ServingStatus status = 1; }` in one gRPC frame.
 /// Unknown fields are skipped, as protobuf requires; a missing status is 0 (UNKNOWN).
-fn decode_check_response(frame: &[u8]) -> Result<u64, String> {
+#[doc(hidden)] // pub for the fuzz targets in fuzz/
+pub fn decode_check_response(frame: &[u8]) -> Result<u64, String> {
     let header = frame
         .get(..5)
         .ok_or_else(|| "the answer holds no message".to_string())?;
@@ -973,6 +992,26 @@ mod tests {
                 assert_eq!(headers["user-agent"], USER_AGENT);
             }
             other => panic!("not http: {other:?}"),
+        }
+    }
+
+    /// Found by fuzz/ (admission): the API server accepts such paths and kubelet encodes them,
+    /// but the sidecar refused the probe and so would not start.
+    #[test]
+    fn paths_are_encoded_as_kubelet_sends_them() {
+        for (given, sent) in [
+            ("/health check", "/health%20check"),
+            ("/sant\u{e9}?q=a b", "/sant%C3%A9?q=a%20b"),
+            ("/a%20b|{c}", "/a%20b%7C%7Bc%7D"),
+            ("ready", "/ready"),
+        ] {
+            let json =
+                serde_json::json!({"c": {"livez": {"httpGet": {"port": 80, "path": given}}}});
+            let p = AppProbes::parse(&json.to_string()).unwrap();
+            match &p.check("c", "livez").unwrap().action {
+                Action::Http { path, .. } => assert_eq!(path.as_str(), sent, "{given:?}"),
+                other => panic!("not http: {other:?}"),
+            }
         }
     }
 

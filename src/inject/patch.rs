@@ -46,6 +46,8 @@ pub const SKIP_HOST_NETWORK: &str = "host network";
 pub const SKIP_OPTED_OUT: &str = "opted out";
 pub const SKIP_NOT_OPTED_IN: &str = "not opted in";
 pub const SKIP_INVALID_INJECT: &str = "invalid meshlet.dev/inject value";
+/// A pod without containers (or without a spec) is not valid; the patch would not apply to it.
+pub const SKIP_NO_CONTAINERS: &str = "no containers";
 
 const DEFAULT_CPU_REQUEST: &str = "10m";
 const DEFAULT_MEMORY_REQUEST: &str = "32Mi";
@@ -139,6 +141,12 @@ pub fn inject(pod: &Pod, namespace: Option<&Namespace>, cfg: &InjectConfig) -> O
     }
     if spec.host_network == Some(true) {
         return Outcome::Skip(SKIP_HOST_NETWORK.into());
+    }
+    // Found by fuzz/ (admission): without `spec` or `spec.containers` the patch's paths
+    // (`/spec/initContainers`, `/spec/containers/0`) do not exist and the API server would fail
+    // the request on the patch instead of naming what is wrong with the pod.
+    if spec.containers.is_empty() {
+        return Outcome::Skip(SKIP_NO_CONTAINERS.into());
     }
 
     let pod_json = serde_json::to_value(pod).unwrap_or(Value::Null);
@@ -630,10 +638,15 @@ fn check_ports(v: &str) -> Result<(), String> {
 
 fn check_cidrs(v: &str) -> Result<(), String> {
     for c in items(v) {
-        let (ip, prefix) = c.split_once('/').unwrap_or((c, ""));
+        // As `meshlet init` reads it: after a `/` comes a prefix length (found by fuzz/: the
+        // webhook took `10.0.0.0/`, which made the init container, and so the pod, fail).
+        let (ip, prefix) = match c.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (c, None),
+        };
         let ok = match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(_)) => prefix.is_empty() || prefix.parse::<u8>().is_ok_and(|p| p <= 32),
-            Ok(IpAddr::V6(_)) => prefix.is_empty() || prefix.parse::<u8>().is_ok_and(|p| p <= 128),
+            Ok(IpAddr::V4(_)) => prefix.is_none_or(|p| p.parse::<u8>().is_ok_and(|p| p <= 32)),
+            Ok(IpAddr::V6(_)) => prefix.is_none_or(|p| p.parse::<u8>().is_ok_and(|p| p <= 128)),
             Err(_) => false,
         };
         if !ok {
@@ -812,6 +825,18 @@ mod tests {
             inject(&odd, None, &cfg),
             Outcome::Skip(SKIP_INVALID_INJECT.into())
         );
+        // Found by fuzz/ (admission): a patch for these would not apply.
+        for yaml in [
+            "metadata: {name: p, annotations: {meshlet.dev/inject: enabled}}",
+            "metadata: {name: p, annotations: {meshlet.dev/inject: enabled}}\nspec: {}",
+            "metadata: {name: p, annotations: {meshlet.dev/inject: enabled}}\nspec: {containers: []}",
+        ] {
+            assert_eq!(
+                inject(&pod(yaml), None, &cfg),
+                Outcome::Skip(SKIP_NO_CONTAINERS.into()),
+                "{yaml}"
+            );
+        }
     }
 
     #[test]
@@ -899,6 +924,36 @@ mod tests {
             .get_or_insert_default()
             .insert(ANNOTATION_INJECT.into(), "enabled".into());
         assert_eq!(run(&p, None).0, None);
+    }
+
+    /// Found by fuzz/ (admission): every list the webhook accepts, `meshlet init` accepts.
+    #[test]
+    fn skip_lists_are_checked_as_meshlet_init_reads_them() {
+        for v in [
+            "10.0.0.0/",
+            "fd00::/",
+            "10.0.0.0/8/8",
+            "10.0.0.0/+",
+            "10.0.0.0/33",
+        ] {
+            assert!(check_cidrs(v).is_err(), "{v}");
+        }
+        for ok in ["10.0.0.0/8, fd00::/8, 10.1.2.3", "", " , "] {
+            assert!(check_cidrs(ok).is_ok(), "{ok:?}");
+            let args = crate::init::InitArgs {
+                dry_run: true,
+                proxy_uid: "7102".into(),
+                inbound_port: "7143".into(),
+                outbound_port: "7140".into(),
+                admin_port: "7190".into(),
+                grpc_port: "7191".into(),
+                skip_inbound_ports: "9090, 9100-9110".into(),
+                skip_outbound_ports: String::new(),
+                skip_outbound_cidrs: normalize_list(ok),
+                ipv6: "false".into(),
+            };
+            assert!(args.config().is_ok(), "{ok:?}");
+        }
     }
 
     /// The golden corpus: `tests/golden/inject/<name>.pod.yaml` (and an optional

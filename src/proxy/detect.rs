@@ -138,6 +138,13 @@ fn classify(buf: &[u8], max_head: usize) -> Verdict {
             _ => Verdict::NeedMore { http },
         };
     };
+    // A prefix without the line end decided already past these lengths: decisions never change.
+    if !http && lf >= MAX_UNKNOWN_LINE {
+        return Verdict::Is(Protocol::Tcp);
+    }
+    if http && lf >= max_head {
+        return Verdict::Is(Protocol::Http1);
+    }
     let line = &buf[..lf];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.iter().any(|b| b.is_ascii_control() && *b != b'\t') {
@@ -485,11 +492,20 @@ mod tests {
             H2_PREFACE,
             b"\x16\x03\x01\x02\x00",
             b"GET /\x01 HTTP/1.1\r\n",
+            &[b"FOO /".as_slice(), &[b'a'; 8186], b" HTTP/1.1\r\n"].concat(),
+            &[b"GET /".as_slice(), &[b'a'; 70000], b"\r\n"].concat(),
             b"GET /\r HTTP/1.1\r\n",
         ];
         for input in inputs {
             let full = verdict(input);
-            for i in 1..input.len() {
+            let n = input.len();
+            // Every prefix of a short input; of a long one, a sample and the last bytes.
+            for i in (1..n).filter(|i| {
+                n < 2000
+                    || i % 509 == 0
+                    || *i + 64 > n
+                    || *i + 64 > MAX_UNKNOWN_LINE && *i < MAX_UNKNOWN_LINE + 64
+            }) {
                 if let Some(p) = verdict(&input[..i]) {
                     assert_eq!(Some(p), full, "{:?} at {i}", String::from_utf8_lossy(input));
                 }

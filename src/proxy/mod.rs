@@ -921,6 +921,8 @@ async fn serve_http<I>(
             .timer(TokioTimer::new())
             // EdgeIo keeps the idle and head timers apart; hyper's one timer cannot.
             .header_read_timeout(None)
+            // A client that half-closes after its request still gets its answer.
+            .half_close(true)
             .max_header_size(settings.max_header_bytes);
         if settings.max_header_bytes > 256 * 1024 {
             builder.max_buf_size(settings.max_header_bytes + 64 * 1024);
