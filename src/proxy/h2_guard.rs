@@ -8,7 +8,7 @@
 //! then reset by the client ("paced" rapid reset, CVE-2023-44487): each one costs an upstream
 //! request while the client never holds more than its concurrency. This module adds:
 //!
-//! - **Premature-reset accounting** ([`StreamGuard`], [`ConnState`]): every stream the service
+//! - **Premature-reset accounting** (`StreamGuard`, `ConnState`): every stream the service
 //!   is called for carries a guard, moved into the response body; dropped before the response
 //!   ended, the client reset it (or left). A reset within `premature_reset_lifetime` of the
 //!   stream's start is *premature*. Once a connection has ended `premature_reset_min_streams`
@@ -24,7 +24,7 @@
 //!   (last stream id: the highest the client opened, never above one h2 already announced)
 //!   goes out on the same socket, followed by a FIN and a short lingering read so that the
 //!   client gets to read it.
-//! - **Resets relayed gently** ([`ConnState::settle`]): a request the client resets right after
+//! - **Resets relayed gently** (`ConnState::settle`): a request the client resets right after
 //!   it was sent upstream runs on until the endpoint answered its head (for 100 ms at most)
 //!   before it is cancelled there, so that the endpoint's own rapid-reset limits (hyper's: 20
 //!   streams reset before it accepted them) never close meshlet's pooled connection, which
@@ -32,7 +32,7 @@
 //! - **The end of the shutdown grace** ([`Limits::close_all`]): connections still open when
 //!   `shutdown_grace` is over get the same close with GOAWAY NO_ERROR instead of a bare EOF.
 //!
-//! GOAWAY frames h2 writes on its own (the drain's NO_ERROR, its ENHANCE_YOUR_CALM limits,
+//! GOAWAY frames h2 writes on its own (NO_ERROR when draining or idle, its ENHANCE_YOUR_CALM limits,
 //! protocol errors) are seen by the wrapper and counted too.
 
 use std::convert::Infallible;
@@ -66,12 +66,12 @@ const FINISH_FRAME: Duration = Duration::from_secs(1);
 /// How long writing our GOAWAY may take.
 const WRITE_GOAWAY: Duration = Duration::from_secs(1);
 /// After a GOAWAY and FIN (ours or h2's), what the client still sends is read and dropped for
-/// this long, or up to [`LINGER_BYTES`] (see [`linger`]).
+/// this long, or up to `LINGER_BYTES` (see `linger`).
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
 /// A stream the client resets this soon after it started is not cancelled upstream at once: the
 /// upstream request runs on until its response head arrives, for this long at most (see
-/// [`ConnState::settle`]).
+/// `ConnState::settle`).
 const RESET_SETTLE: Duration = Duration::from_millis(100);
 /// At most this many upstream requests settle at once (proxy-wide); more are cancelled at once.
 const MAX_SETTLING: usize = 1024;
@@ -334,10 +334,10 @@ impl ConnState {
     /// accepted the stream, and h2 servers (hyper's among them) count such resets as rapid
     /// reset and close the connection with ENHANCE_YOUR_CALM: meshlet's pooled connection,
     /// shared by every client, and its in-flight requests fail. So a request younger than
-    /// [`RESET_SETTLE`] settles first: it runs on until its response head arrives (the endpoint
+    /// `RESET_SETTLE` settles first: it runs on until its response head arrives (the endpoint
     /// accepted it; the response is then dropped, which resets an accepted stream), for
     /// `RESET_SETTLE` at most. That is at most `RESET_SETTLE` of extra life for requests the
-    /// client gave up on, and at most [`MAX_SETTLING`] of them at once. A future never polled
+    /// client gave up on, and at most `MAX_SETTLING` of them at once. A future never polled
     /// sent nothing: it is just dropped.
     fn settle<F>(&self, f: Pin<Box<F>>, age: Duration)
     where
@@ -398,7 +398,7 @@ impl<I> ConnGuard<I>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    /// The service for hyper: every stream carries a [`StreamGuard`].
+    /// The service for hyper: every stream carries a `StreamGuard`.
     pub fn service<S>(&self, inner: S) -> GuardedService<S> {
         GuardedService {
             inner,
@@ -534,7 +534,7 @@ async fn linger<I: AsyncRead + Unpin>(io: &mut I) {
 
 /// Lives as long as a stream is served: in the service's future, then in the response body.
 /// Dropped before the response ended, the stream was reset by the client (or the connection
-/// ended, which [`ConnState`] tells apart).
+/// ended, which `ConnState` tells apart).
 struct StreamGuard {
     state: Arc<ConnState>,
     started: Instant,
@@ -548,7 +548,7 @@ impl Drop for StreamGuard {
     }
 }
 
-/// The connection's service, with a [`StreamGuard`] per stream. A condemned connection's new
+/// The connection's service, with a `StreamGuard` per stream. A condemned connection's new
 /// streams are answered 503 at once, never sent upstream.
 pub struct GuardedService<S> {
     inner: S,
@@ -593,7 +593,7 @@ where
 
 /// The service's future for one stream, with the stream's guard. Dropped before it is done,
 /// the client reset the stream: the guard counts it, and the upstream request settles (see
-/// [`ConnState::settle`]).
+/// `ConnState::settle`).
 pub struct GuardedFuture<F>
 where
     F: Future + Send + 'static,
