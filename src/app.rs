@@ -284,6 +284,8 @@ impl App {
                 open = proxy.tasks.len(),
                 "shutdown grace period over; closing the remaining connections"
             );
+            // HTTP/2 clients get a GOAWAY before the close, not a bare EOF.
+            proxy.h2.close_all(Duration::from_millis(250)).await;
         }
         admin_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;

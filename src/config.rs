@@ -71,6 +71,8 @@ pub struct Config {
     /// Limits and timeouts of the HTTP servers that face clients.
     pub http: HttpConfig,
     pub balance: BalanceConfig,
+    /// Limits on HTTP/2 client connections (both listeners).
+    pub http2: Http2Config,
     /// The policy every destination starts from (timeouts, retries, breaker, dedup); a static
     /// service's `policy:` or a Kubernetes Service's `meshlet.dev/*` annotations override it.
     pub defaults: crate::policy::PolicySpec,
@@ -95,6 +97,7 @@ impl Default for Config {
             detect: DetectConfig::default(),
             http: HttpConfig::default(),
             balance: BalanceConfig::default(),
+            http2: Http2Config::default(),
             defaults: crate::policy::PolicySpec::default(),
             shutdown_grace: Dur(Duration::from_secs(30)),
             workers: None,
@@ -400,6 +403,48 @@ impl Default for BalanceConfig {
     }
 }
 
+/// `http2:`: limits on HTTP/2 client connections, against stream floods (see
+/// `proxy::h2_guard`). A connection that breaks one is closed with GOAWAY ENHANCE_YOUR_CALM.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Config {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS announced to clients (hyper's default).
+    pub max_concurrent_streams: u32,
+    /// Streams the client may have reset before the server accepted them, at once (h2's
+    /// default): back-to-back rapid reset.
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams h2 may reset for the client's protocol errors, over the connection's life
+    /// (hyper's default).
+    pub max_local_error_reset_streams: usize,
+    /// Premature-reset rule: once a connection has ended this many streams, more than half of
+    /// them reset by the client within `premature_reset_lifetime` closes it. 0 turns it off.
+    pub premature_reset_min_streams: u32,
+    /// A stream the client resets within this long of its start is premature.
+    pub premature_reset_lifetime: Dur,
+}
+
+impl Http2Config {
+    fn validate(&self) -> Result<(), (String, String)> {
+        HTTP2_MAX_CONCURRENT_STREAMS.check(&self.max_concurrent_streams)?;
+        HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS.check(&self.max_pending_accept_reset_streams)?;
+        HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS.check(&self.max_local_error_reset_streams)?;
+        HTTP2_PREMATURE_RESET_MIN_STREAMS.check(&self.premature_reset_min_streams)?;
+        HTTP2_PREMATURE_RESET_LIFETIME.check(&self.premature_reset_lifetime)
+    }
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Http2Config {
+            max_concurrent_streams: 200,
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
+            premature_reset_min_streams: 100,
+            premature_reset_lifetime: Dur(Duration::from_secs(1)),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -534,6 +579,37 @@ pub const RATE_LIMIT_BURST: Ranged = ranged(
     },
 );
 
+pub const HTTP2_MAX_CONCURRENT_STREAMS: Ranged = ranged(
+    "http2.max_concurrent_streams",
+    Bound::Count {
+        min: 1,
+        max: 1_000_000,
+    },
+);
+pub const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: Ranged = ranged(
+    "http2.max_pending_accept_reset_streams",
+    Bound::Count {
+        min: 0,
+        max: 1_000_000,
+    },
+);
+pub const HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS: Ranged = ranged(
+    "http2.max_local_error_reset_streams",
+    Bound::Count {
+        min: 0,
+        max: 1_000_000,
+    },
+);
+pub const HTTP2_PREMATURE_RESET_MIN_STREAMS: Ranged = ranged(
+    "http2.premature_reset_min_streams",
+    Bound::Count {
+        min: 0,
+        max: 1_000_000,
+    },
+);
+pub const HTTP2_PREMATURE_RESET_LIFETIME: Ranged =
+    ranged("http2.premature_reset_lifetime", ANY_DURATION);
+
 /// Every config key with a range besides the policy keys (`crate::policy::KEYS`) and the
 /// addresses and ports (checked in [`Config::validate`]).
 pub const RANGED: &[Ranged] = &[
@@ -545,6 +621,11 @@ pub const RANGED: &[Ranged] = &[
     HTTP_HEADER_TIMEOUT,
     HTTP_IDLE_TIMEOUT,
     HTTP_STREAM_IDLE_TIMEOUT,
+    HTTP2_MAX_CONCURRENT_STREAMS,
+    HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS,
+    HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS,
+    HTTP2_PREMATURE_RESET_MIN_STREAMS,
+    HTTP2_PREMATURE_RESET_LIFETIME,
     DEFAULT_RTT,
     DECAY,
     HYSTERESIS,
@@ -965,6 +1046,7 @@ impl Config {
         HTTP_HEADER_TIMEOUT.check(&self.http.header_timeout)?;
         HTTP_IDLE_TIMEOUT.check(&self.http.idle_timeout)?;
         HTTP_STREAM_IDLE_TIMEOUT.check(&self.http.stream_idle_timeout)?;
+        self.http2.validate()?;
         for (i, p) in self.detect.server_first_ports.iter().enumerate() {
             if *p == 0 {
                 return Err((

@@ -6,6 +6,7 @@ pub mod client;
 mod declared;
 pub mod detect;
 pub mod edge;
+pub mod h2_guard;
 pub mod http;
 pub mod tcp;
 
@@ -269,6 +270,8 @@ pub struct Proxy {
     warned_not_local: AtomicBool,
     pub tasks: TaskTracker,
     pub drain: CancellationToken,
+    /// HTTP/2 client connections: stream limits, the abuse guard, GOAWAY at the grace's end.
+    pub h2: Arc<h2_guard::Limits>,
 }
 
 /// Which listener accepted a connection.
@@ -319,6 +322,7 @@ impl Proxy {
             (concurrency.is_some() || rate.is_some())
                 .then(|| Arc::new(InboundLimits { concurrency, rate }))
         });
+        let h2 = h2_guard::Limits::new(&config.http2, &metrics.registry);
         Arc::new(Proxy {
             metrics,
             resolver,
@@ -349,6 +353,7 @@ impl Proxy {
             warned_not_local: AtomicBool::new(false),
             tasks,
             drain,
+            h2,
         })
     }
 
@@ -712,6 +717,7 @@ impl Proxy {
                     self.drain.clone(),
                     conn,
                     now,
+                    &self.h2,
                 )
                 .await;
             }
@@ -740,7 +746,16 @@ impl Proxy {
                 self.count_conn(t.direction, proto.as_str());
                 let io = PrefixedIo::new(prefix, stream);
                 let conn = edge::ConnState::new(dst, self.http);
-                return serve_http(io, proto, t.clone(), self.drain.clone(), conn, first).await;
+                return serve_http(
+                    io,
+                    proto,
+                    t.clone(),
+                    self.drain.clone(),
+                    conn,
+                    first,
+                    &self.h2,
+                )
+                .await;
             }
         }
         // Wait for the first bytes without holding a buffer: idle connections stay cheap.
@@ -819,7 +834,16 @@ impl Proxy {
                 drop(up);
                 let io = PrefixedIo::new(prefix, stream);
                 let conn = edge::ConnState::new(dst, self.http);
-                serve_http(io, proto, t.clone(), self.drain.clone(), conn, first_byte).await
+                serve_http(
+                    io,
+                    proto,
+                    t.clone(),
+                    self.drain.clone(),
+                    conn,
+                    first_byte,
+                    &self.h2,
+                )
+                .await
             }
         }
     }
@@ -880,7 +904,8 @@ impl Proxy {
 /// runs behind [`edge::EdgeIo`] (idle and head timers, 408); HTTP/2 connections with no open
 /// stream for `http.idle_timeout` are sent GOAWAY. On the drain signal the connection shuts
 /// down gracefully: in-flight requests finish, HTTP/1.1 stops keeping alive, HTTP/2 sends
-/// GOAWAY.
+/// GOAWAY (see [`h2_guard`] for the HTTP/2 guard and the GOAWAY at the end of the shutdown
+/// grace).
 async fn serve_http<I>(
     io: I,
     proto: Protocol,
@@ -888,32 +913,34 @@ async fn serve_http<I>(
     drain: CancellationToken,
     conn: Arc<edge::ConnState>,
     first_byte: tokio::time::Instant,
+    h2: &Arc<h2_guard::Limits>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let settings = conn.settings;
     let state = conn.clone();
+    let direction = t.direction;
     let svc = service_fn(move |req| http::handle(t.clone(), conn.clone(), req));
     let result = if proto == Protocol::Http2 {
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(settings.max_header_bytes.min(u32::MAX as usize) as u32)
-            .serve_connection(TokioIo::new(io), svc);
-        tokio::pin!(conn);
+        // h2_guard: the IO wrapper, a guard per stream, our GOAWAY when closing.
+        let (io, guard) = h2.connection(io, direction);
+        let conn = h2
+            .configure(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(settings.max_header_bytes.min(u32::MAX as usize) as u32),
+            )
+            .serve_connection(TokioIo::new(io), guard.service(svc));
         let idle = h2_idle(&state, settings.idle_timeout);
-        tokio::pin!(idle);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            _ = drain.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+        let graceful = async {
+            tokio::select! {
+                _ = drain.cancelled() => {}
+                _ = idle => {
+                    tracing::debug!("closing an HTTP/2 connection idle for http.idle_timeout");
+                }
             }
-            _ = &mut idle => {
-                tracing::debug!("closing an HTTP/2 connection idle for http.idle_timeout");
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+        };
+        guard.drive(conn, |c| c.graceful_shutdown(), graceful).await
     } else {
         let io = Box::pin(edge::EdgeIo::new(io, state, settings, first_byte));
         let mut builder = hyper::server::conn::http1::Builder::new();
