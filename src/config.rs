@@ -1118,6 +1118,17 @@ impl Config {
             }
         }
 
+        // tracing-subscriber's directive parser panics on some non-ASCII input (found by
+        // fuzz/config); filters name Rust targets and levels, which are ASCII.
+        if !self.log.level.is_ascii() {
+            return Err((
+                "log.level".into(),
+                format!(
+                    "{:?} is not a log filter (only ASCII characters); try \"info\" or \"meshlet=debug,info\"",
+                    self.log.level
+                ),
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err((
                 "log.level".into(),
@@ -1466,6 +1477,14 @@ upstreams:
             e.starts_with("MESHLET_CRITICAL_DEPENDENCIES: \"nope\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_non_ascii_log_filter_is_refused_not_a_panic() {
+        let e = err(
+            "log:\n  level: \"mMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMMM\u{9a3cc}x,info\"\n",
+        );
+        assert!(e.contains("log.level") && e.contains("only ASCII"), "{e}");
     }
 
     #[test]

@@ -337,7 +337,13 @@ impl Signals {
 
 fn init_logging(config: &Config, log_json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
+    // A non-ASCII RUST_LOG can panic tracing-subscriber's parser: such a value is ignored.
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| v.is_ascii())
+        .and_then(|v| EnvFilter::try_new(v).ok());
+    let filter = from_env
+        .ok_or(())
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
