@@ -21,10 +21,11 @@
 # static binary and the scratch layout work without Docker; see tests/image/README.md.
 
 FROM rust:1.95.0-alpine3.23 AS build
-# gcc and musl-dev: `ring` compiles C and assembly. Alpine's package versions are replaced
-# within a branch, so exact pins would break the build; the branch is pinned by the tag.
+# gcc and musl-dev: `ring` compiles C and assembly; make: `tikv-jemalloc-sys` builds jemalloc
+# (the binary's allocator) with its configure script and make. Alpine's package versions are
+# replaced within a branch, so exact pins would break the build; the branch is pinned by the tag.
 # hadolint ignore=DL3018
-RUN apk add --no-cache gcc musl-dev
+RUN apk add --no-cache gcc make musl-dev
 WORKDIR /src
 # Cargo.toml declares [[test]] targets, whose files cargo wants to see even to build one binary.
 COPY Cargo.toml Cargo.lock ./
