@@ -100,6 +100,19 @@ async fn echo(req: Request<Incoming>) -> Response<BoxBody> {
     }
 }
 
+/// A raw HTTP/2 client connection: its sender and the connection future to drive.
+async fn h2_connect(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    hyper::client::conn::http2::Connection<TokioIo<TcpStream>, Full<Bytes>, TokioExecutor>,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap()
+}
+
 /// Writes `bytes` on a new connection and reads until the peer closes or `wait` passes.
 async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -596,11 +609,7 @@ async fn the_request_timeout_covers_the_response_body() {
 async fn a_grpc_deadline_mid_stream_ends_with_deadline_exceeded() {
     let b = Echo::start().await;
     let m = meshlet(&[b.addr], "defaults:\n  timeout: 500ms\n").await;
-    let stream = TcpStream::connect(m.upstream(0)).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
+    let (mut sender, conn) = h2_connect(m.upstream(0)).await;
     tokio::spawn(conn);
     let req = Request::post("http://web.default/stall-body")
         .header("content-type", "application/grpc")
@@ -655,11 +664,7 @@ async fn http2_header_lists_over_the_limit_never_reach_the_backend() {
     let a = c.get("/small").await.unwrap();
     assert_eq!(a.status, 200);
     let hits = b.hits();
-    let stream = TcpStream::connect(m.upstream(0)).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
+    let (mut sender, conn) = h2_connect(m.upstream(0)).await;
     tokio::spawn(conn);
     let req = Request::get("http://web.default/big")
         .header("x-big", "b".repeat(100 * 1024))
@@ -765,11 +770,7 @@ async fn the_head_size_limit_is_exact() {
 async fn idle_http2_connections_get_goaway_after_the_idle_timeout() {
     let b = Echo::start().await;
     let m = meshlet(&[b.addr], "http:\n  idle_timeout: 1s\n").await;
-    let stream = TcpStream::connect(m.upstream(0)).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
+    let (mut sender, conn) = h2_connect(m.upstream(0)).await;
     let conn = tokio::spawn(conn);
     // Busy for 2 s: a request every 300 ms keeps it open.
     for _ in 0..7 {
