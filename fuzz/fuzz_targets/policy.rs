@@ -47,7 +47,7 @@ fn annotations(ann: &BTreeMap<String, String>) {
         let Some(key) = k.strip_prefix(ANNOTATION_PREFIX) else {
             continue;
         };
-        let Some((_, yaml_key)) = KEYS.iter().find(|(a, _)| *a == key) else {
+        let Some((_, yaml_key, _)) = KEYS.iter().find(|(a, _, _)| *a == key) else {
             continue;
         };
         if NATIVE_YAML.contains(yaml_key) {
