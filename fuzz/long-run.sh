@@ -19,7 +19,8 @@ target_dir=${FUZZ_TARGET_DIR:-$HOME/.cache/meshlet-tools/fuzz-target}
 targets=(detect http1_edge admission policy config grpc_health iptables)
 mkdir -p "$logs"
 started=$(date -u +%s)
-echo "$(date -u '+%F %T') building (commit $(git rev-parse --short HEAD))" | tee -a "$logs/progress"
+commit=$(git rev-parse --short HEAD)
+echo "$(date -u '+%F %T') building (commit $commit)" | tee -a "$logs/progress"
 nice -n 19 cargo +nightly fuzz build -s none --target-dir "$target_dir" >"$logs/build.log" 2>&1
 bin="$target_dir/x86_64-unknown-linux-gnu/release"
 
@@ -57,7 +58,7 @@ while awk -v c="$(total_cpu)" -v g="$cpu_goal" 'BEGIN {exit !(c < g)}' &&
 done
 
 {
-  echo "Long fuzzing run, $(date -u -d "@$started" '+%F %H:%M') to $(date -u '+%F %H:%M') UTC, commit $(git rev-parse --short HEAD), $pass pass(es) of ${per_run}s per target, nice -n 19, one target at a time:"
+  echo "Long fuzzing run, $(date -u -d "@$started" '+%F %H:%M') to $(date -u '+%F %H:%M') UTC, commit $commit, $pass pass(es) of ${per_run}s per target, nice -n 19, one target at a time:"
   echo
   echo "| target | wall time | CPU time | executions | corpus | crashes |"
   echo "| --- | --- | --- | --- | --- | --- |"
