@@ -19,6 +19,8 @@ pub struct Metrics {
     pub connections: IntCounterVec,
     /// Connections open now, by direction.
     pub open_connections: IntGaugeVec,
+    /// Idle HTTP/1 client connections parked now (hyper's state and buffers freed).
+    pub parked_connections: IntGaugeVec,
     /// Connections closed at once on accept, by direction and reason (`limit`: the listener's
     /// `max_connections`).
     pub connections_refused: IntCounterVec,
@@ -118,6 +120,12 @@ impl Metrics {
                 &r,
                 "meshlet_open_connections",
                 "Client connections open now",
+                &["direction"],
+            ),
+            parked_connections: gauge(
+                &r,
+                "meshlet_parked_connections",
+                "Idle HTTP/1 client connections parked now: open, holding no HTTP state or buffers until their next byte",
                 &["direction"],
             ),
             connections_refused: counter(

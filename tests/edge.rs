@@ -528,6 +528,102 @@ async fn idle_keepalive_connections_close_after_the_idle_timeout() {
     );
 }
 
+/// Reads from `s` until `n` whole echo answers arrived (each ends with its body-bytes line).
+async fn read_answers(s: &mut TcpStream, n: usize) -> String {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while String::from_utf8_lossy(&got)
+        .matches("body-bytes: 0\n")
+        .count()
+        < n
+    {
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(k)) if k > 0 => got.extend_from_slice(&buf[..k]),
+            other => panic!(
+                "{other:?} before {n} answers: {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// An HTTP/1 connection idle for a second leaves hyper (parked: only its socket is held) and
+/// its next request is served as before; the head timer, pipelining and the idle timeout are
+/// the same for a parked connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http1_connections_are_parked_and_served_again() {
+    let b = Echo::start().await;
+    let m = meshlet(
+        &[b.addr],
+        "http:\n  idle_timeout: 5s\n  header_timeout: 2s\n",
+    )
+    .await;
+    let parked = |want: f64| {
+        let m = &m;
+        async move {
+            let text = m.metrics().await;
+            metric(&text, "meshlet_parked_connections{direction=\"outbound\"}") == Some(want)
+        }
+    };
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: web.default\r\n\r\n");
+
+    let mut s = TcpStream::connect(m.upstream(0)).await.unwrap();
+    s.write_all(get("/one").as_bytes()).await.unwrap();
+    let a = read_answers(&mut s, 1).await;
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    eventually(
+        "the idle connection is parked",
+        Duration::from_secs(5),
+        || parked(1.0),
+    )
+    .await;
+
+    // Two requests in one write to a parked connection: both answered, in order, on it.
+    s.write_all(format!("{}{}", get("/two"), get("/three")).as_bytes())
+        .await
+        .unwrap();
+    let a = read_answers(&mut s, 2).await;
+    let (two, three) = (a.find("GET /two").unwrap(), a.find("GET /three").unwrap());
+    assert!(two < three, "{a}");
+    assert_eq!(a.matches("HTTP/1.1 200").count(), 2, "{a}");
+    assert!(!a.contains("connection: close"), "{a}");
+    eventually("parked again", Duration::from_secs(5), || parked(1.0)).await;
+
+    // A head that trickles for longer than the park delay is one head all along: 408 at
+    // http.header_timeout from its first byte, however long it stays idle between bytes.
+    let first = Instant::now();
+    s.write_all(b"GET /slow HTTP/1.1\r\n").await.unwrap();
+    for line in ["x-a: 1\r\n", "x-b: 2\r\n"] {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(parked(0.0).await, "parked while a head was arriving");
+        let _ = s.write_all(line.as_bytes()).await;
+    }
+    let a = read_for(&mut s, Duration::from_secs(4)).await;
+    let took = first.elapsed();
+    assert_eq!(status_of(&a), 408, "{a}");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(3000),
+        "408 after {took:?}"
+    );
+
+    // A parked connection closes quietly at http.idle_timeout after its last answer.
+    let mut s = TcpStream::connect(m.upstream(0)).await.unwrap();
+    s.write_all(get("/last").as_bytes()).await.unwrap();
+    read_answers(&mut s, 1).await;
+    let start = Instant::now();
+    eventually("parked", Duration::from_secs(5), || parked(1.0)).await;
+    assert_eq!(read_for(&mut s, Duration::from_secs(10)).await, "");
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(4800) && took < Duration::from_secs(7),
+        "closed after {took:?}"
+    );
+    eventually("nothing parked", Duration::from_secs(2), || parked(0.0)).await;
+    assert_eq!(b.hits(), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_semantics_at_the_edge() {
     let b = Echo::start().await;

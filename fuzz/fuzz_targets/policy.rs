@@ -57,7 +57,14 @@ fn annotations(ann: &BTreeMap<String, String>) {
         let (from_annotation, errors) = PolicySpec::from_annotations(&one);
         let value = serde_yaml::to_string(v.trim()).expect("a string serializes");
         let yaml = format!("{yaml_key}: {value}");
-        let from_yaml = serde_yaml::from_str::<PolicySpec>(&yaml);
+        // The config file checks ranges after parsing (`validate`), as the annotations do.
+        let from_yaml = serde_yaml::from_str::<PolicySpec>(&yaml)
+            .map_err(|e| e.to_string())
+            .and_then(|p| {
+                p.validate()
+                    .map(|()| p)
+                    .map_err(|(k, e)| format!("{k}: {e}"))
+            });
         match (&from_yaml, errors.is_empty()) {
             (Ok(y), true) => assert_eq!(
                 *y, from_annotation,

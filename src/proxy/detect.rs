@@ -333,6 +333,11 @@ impl<I> PrefixedIo<I> {
     pub fn get_ref(&self) -> &I {
         &self.io
     }
+
+    /// The bytes not read yet, and the stream.
+    pub fn into_parts(self) -> (BytesMut, I) {
+        (self.prefix, self.io)
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {

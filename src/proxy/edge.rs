@@ -73,6 +73,10 @@ pub struct ConnState {
     /// The connection's reader, parked while a request was in flight: woken when the last
     /// response ends, so that its idle timer starts.
     reader: std::sync::Mutex<Option<std::task::Waker>>,
+    /// Bytes of a request head are arriving (HTTP/1): the connection is not idle.
+    reading_head: AtomicBool,
+    /// hyper is being stopped to park the connection: its shutdown must not close the socket.
+    parking: AtomicBool,
     base: std::time::Instant,
 }
 
@@ -86,6 +90,8 @@ impl ConnState {
             last_end_ms: AtomicU64::new(0),
             upgraded: AtomicBool::new(false),
             reader: std::sync::Mutex::new(None),
+            reading_head: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
             base: std::time::Instant::now(),
         })
     }
@@ -101,9 +107,19 @@ impl ConnState {
         self.upgraded.store(true, Ordering::Release);
     }
 
-    /// How long the connection has had no request in flight; `None` while one is.
+    /// Marks hyper's coming shutdown of an HTTP/1 connection as a park (the socket stays open)
+    /// or not.
+    pub fn set_parking(&self, parking: bool) {
+        self.parking.store(parking, Ordering::Release);
+    }
+
+    /// How long the connection has had no request in flight and (HTTP/1) no byte of a next
+    /// request head; `None` while it has.
     pub fn idle_for(&self) -> Option<Duration> {
-        if self.busy.load(Ordering::Acquire) > 0 || self.upgraded.load(Ordering::Acquire) {
+        if self.busy.load(Ordering::Acquire) > 0
+            || self.upgraded.load(Ordering::Acquire)
+            || self.reading_head.load(Ordering::Acquire)
+        {
             return None;
         }
         let since = Duration::from_millis(self.last_end_ms.load(Ordering::Acquire));
@@ -138,32 +154,40 @@ enum Phase {
 
 pin_project! {
     /// The HTTP/1 client connection as hyper sees it: idle and head timers (see the module
-    /// docs). Writes pass through untouched.
+    /// docs). Writes pass through untouched. Its shutdown leaves the socket open while the
+    /// connection is being parked ([`ConnState::set_parking`]).
     pub struct EdgeIo<I> {
         #[pin]
         io: I,
         state: Arc<ConnState>,
         settings: Settings,
         phase: Phase,
-        #[pin]
-        timer: Sleep,
+        // Boxed so that the wrapper is `Unpin` and its stream can be taken back to park it.
+        timer: Pin<Box<Sleep>>,
         // A write that may not have reached the socket yet: no 408 may be written then.
         write_pending: bool,
     }
 }
 
 impl<I> EdgeIo<I> {
-    /// `first_byte`: when the first request's first byte arrived (its head timer runs from
-    /// there).
-    pub fn new(io: I, state: Arc<ConnState>, settings: Settings, first_byte: Instant) -> Self {
+    /// `head_deadline`: when the head of the request whose first byte has arrived must be
+    /// complete (`http.header_timeout` from that byte).
+    pub fn new(io: I, state: Arc<ConnState>, settings: Settings, head_deadline: Instant) -> Self {
+        let after = state.started.load(Ordering::Acquire);
+        state.reading_head.store(true, Ordering::Release);
         EdgeIo {
             io,
             state,
-            phase: Phase::Head { after: 0 },
-            timer: tokio::time::sleep_until(first_byte + settings.header_timeout),
+            phase: Phase::Head { after },
+            timer: Box::pin(tokio::time::sleep_until(head_deadline)),
             settings,
             write_pending: false,
         }
+    }
+
+    /// The stream, for a connection being parked.
+    pub fn into_inner(self) -> I {
+        self.io
     }
 }
 
@@ -189,7 +213,10 @@ impl<I: AsyncRead + AsyncWrite> AsyncRead for EdgeIo<I> {
             state.busy.load(Ordering::Acquire) > 0 || state.upgraded.load(Ordering::Acquire);
         // Move between phases on what the requests did since the last read.
         match *this.phase {
-            _ if in_flight => *this.phase = Phase::Busy,
+            _ if in_flight => {
+                *this.phase = Phase::Busy;
+                state.reading_head.store(false, Ordering::Release);
+            }
             Phase::Busy => {
                 *this.phase = Phase::Idle;
                 this.timer
@@ -199,6 +226,7 @@ impl<I: AsyncRead + AsyncWrite> AsyncRead for EdgeIo<I> {
             Phase::Head { after } if after != started => {
                 // That head arrived and its request ended meanwhile.
                 *this.phase = Phase::Idle;
+                state.reading_head.store(false, Ordering::Release);
                 this.timer
                     .as_mut()
                     .reset(Instant::now() + this.settings.idle_timeout);
@@ -210,6 +238,7 @@ impl<I: AsyncRead + AsyncWrite> AsyncRead for EdgeIo<I> {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before && matches!(this.phase, Phase::Idle) {
                     *this.phase = Phase::Head { after: started };
+                    state.reading_head.store(true, Ordering::Release);
                     this.timer
                         .as_mut()
                         .reset(Instant::now() + this.settings.header_timeout);
@@ -285,7 +314,12 @@ impl<I: AsyncWrite> AsyncWrite for EdgeIo<I> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
+        let this = self.project();
+        if this.state.parking.load(Ordering::Acquire) {
+            // Parked, not closed: what was written still goes out; the socket stays open.
+            return this.io.poll_flush(cx);
+        }
+        this.io.poll_shutdown(cx)
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::Histogram;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -906,20 +906,22 @@ impl Proxy {
 /// down gracefully: in-flight requests finish, HTTP/1.1 stops keeping alive, HTTP/2 sends
 /// GOAWAY (see [`h2_guard`] for the HTTP/2 guard and the GOAWAY at the end of the shutdown
 /// grace).
-async fn serve_http<I>(
-    io: I,
+async fn serve_http(
+    io: PrefixedIo<TcpStream>,
     proto: Protocol,
     t: Arc<Target>,
     drain: CancellationToken,
     conn: Arc<edge::ConnState>,
     first_byte: tokio::time::Instant,
     h2: &Arc<h2_guard::Limits>,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let settings = conn.settings;
     let state = conn.clone();
     let direction = t.direction;
+    let parked = t
+        .metrics
+        .parked_connections
+        .with_label_values(&[direction.as_str()]);
     let svc = service_fn(move |req| http::handle(t.clone(), conn.clone(), req));
     let result = if proto == Protocol::Http2 {
         // h2_guard: the IO wrapper, a guard per stream, our GOAWAY when closing.
@@ -931,7 +933,7 @@ async fn serve_http<I>(
                     .max_header_list_size(settings.max_header_bytes.min(u32::MAX as usize) as u32),
             )
             .serve_connection(TokioIo::new(io), guard.service(svc));
-        let idle = h2_idle(&state, settings.idle_timeout);
+        let idle = idle_for(&state, settings.idle_timeout);
         let graceful = async {
             tokio::select! {
                 _ = drain.cancelled() => {}
@@ -940,34 +942,120 @@ async fn serve_http<I>(
                 }
             }
         };
-        guard.drive(conn, |c| c.graceful_shutdown(), graceful).await
+        // Boxed: hyper's HTTP/2 connection is large (about 9 KiB measured), and inline it
+        // would size every connection's task, a parked HTTP/1 or a silent one too, to it.
+        Box::pin(guard.drive(conn, |c| c.graceful_shutdown(), graceful)).await
     } else {
-        let io = Box::pin(edge::EdgeIo::new(io, state, settings, first_byte));
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            // EdgeIo keeps the idle and head timers apart; hyper's one timer cannot.
-            .header_read_timeout(None)
-            // A client that half-closes after its request still gets its answer.
-            .half_close(true)
-            .max_header_size(settings.max_header_bytes);
-        if settings.max_header_bytes > 256 * 1024 {
-            builder.max_buf_size(settings.max_header_bytes + 64 * 1024);
-        }
-        let conn = builder
-            .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            _ = drain.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+        let deadline = first_byte + settings.header_timeout;
+        serve_http1(io, svc, state, deadline, &drain, &parked).await
     };
     if let Err(error) = result {
         tracing::debug!(%error, "http connection ended with an error");
+    }
+}
+
+/// An HTTP/1 connection idle this long leaves hyper and is parked: see [`serve_http1`].
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Serves an HTTP/1 connection with hyper behind [`edge::EdgeIo`]. A connection with no
+/// request in flight and no byte of a next one for [`PARK_AFTER`] is parked: hyper is stopped
+/// (its state and buffers, about 16 KiB, are freed; the socket stays open) and the connection
+/// waits for its next byte holding only the socket, then is served by a new hyper connection.
+/// Bytes hyper had read but not parsed are put back in front. A parked connection is closed
+/// quietly after `http.idle_timeout` from its last response, as hyper would, or on the drain
+/// signal.
+async fn serve_http1<S, B>(
+    mut io: PrefixedIo<TcpStream>,
+    svc: S,
+    state: Arc<edge::ConnState>,
+    mut head_deadline: tokio::time::Instant,
+    drain: &CancellationToken,
+    parked: &prometheus::IntGauge,
+) -> hyper::Result<()>
+where
+    S: hyper::service::Service<
+            ::http::Request<hyper::body::Incoming>,
+            Response = ::http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Unpin
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let settings = state.settings;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // EdgeIo keeps the idle and head timers apart; hyper's one timer cannot.
+        .header_read_timeout(None)
+        // A client that half-closes after its request still gets its answer.
+        .half_close(true)
+        .max_header_size(settings.max_header_bytes);
+    if settings.max_header_bytes > 256 * 1024 {
+        builder.max_buf_size(settings.max_header_bytes + 64 * 1024);
+    }
+    loop {
+        state.set_parking(false);
+        let edge = edge::EdgeIo::new(io, state.clone(), settings, head_deadline);
+        // Boxed: freed while the connection is parked, so that the task itself stays small.
+        let mut conn = Box::new(
+            builder
+                .serve_connection(TokioIo::new(edge), svc.clone())
+                .with_upgrades(),
+        );
+        let park = idle_for(&state, PARK_AFTER);
+        tokio::pin!(park);
+        let (mut parking, mut draining) = (false, false);
+        loop {
+            tokio::select! {
+                r = &mut *conn => {
+                    r?;
+                    break;
+                }
+                _ = drain.cancelled(), if !draining => {
+                    draining = true;
+                    // A park under way becomes a close.
+                    state.set_parking(false);
+                    std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                }
+                _ = &mut park, if !parking && !draining => {
+                    parking = true;
+                    state.set_parking(true);
+                    std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                }
+            }
+        }
+        if !parking || draining {
+            return Ok(());
+        }
+        // `None`: upgraded meanwhile (the upgrade owns the stream now).
+        let Some(parts) = conn.into_parts() else {
+            return Ok(());
+        };
+        let (unread, stream) = parts.io.into_inner().into_inner().into_parts();
+        // hyper's read buffer is freed here, not held while parked.
+        let mut prefix = bytes::BytesMut::from(&parts.read_buf[..]);
+        prefix.extend_from_slice(&unread);
+        drop((parts.read_buf, parts.service, unread));
+        if prefix.is_empty() {
+            let _parked = Parked::new(parked);
+            let left = state
+                .idle_for()
+                .map_or(Duration::ZERO, |d| settings.idle_timeout.saturating_sub(d));
+            tokio::select! {
+                r = tokio::time::timeout(left, first_byte(&stream)) => {
+                    if !matches!(r, Ok(Ok(true))) {
+                        return Ok(());
+                    }
+                }
+                _ = drain.cancelled() => return Ok(()),
+            }
+        }
+        head_deadline = tokio::time::Instant::now() + settings.header_timeout;
+        io = PrefixedIo::new(prefix, stream);
     }
 }
 
@@ -997,8 +1085,25 @@ async fn first_byte(stream: &TcpStream) -> std::io::Result<bool> {
     }
 }
 
-/// Resolves once an HTTP/2 connection has had no request in flight for `idle`.
-async fn h2_idle(state: &edge::ConnState, idle: Duration) {
+/// Counts a parked connection while it lives.
+struct Parked<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Parked<'a> {
+    fn new(g: &'a prometheus::IntGauge) -> Self {
+        g.inc();
+        Parked(g)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Resolves once a connection has had no request in flight (see [`edge::ConnState::idle_for`])
+/// for `idle`.
+async fn idle_for(state: &edge::ConnState, idle: Duration) {
     let mut wait = idle;
     loop {
         tokio::time::sleep(wait).await;
