@@ -242,9 +242,16 @@ impl Network {
         let _ = sh("ip", &["link", "del", BRIDGE]);
     }
 
+    /// The pod's veth pair: named after this process too, so that interfaces left behind by
+    /// a run that was killed never collide with this run's (at most 15 characters).
+    fn veth(idx: u32) -> (String, String) {
+        let run = std::process::id() & 0xffff;
+        (format!("mh{run:04x}h{idx}"), format!("mh{run:04x}c{idx}"))
+    }
+
     /// Creates namespace `ns` with `ip` on eth0 and a default route via the bridge.
     pub fn add_pod(ns: &str, idx: u32, ip: Ipv4Addr) -> Result<(), String> {
-        let (host, peer) = (format!("mlh{idx}"), format!("mlc{idx}"));
+        let (host, peer) = Network::veth(idx);
         sh("ip", &["netns", "add", ns])?;
         sh(
             "ip",
@@ -276,7 +283,7 @@ impl Network {
     }
 
     pub fn remove_pod(ns: &str, idx: u32) {
-        let _ = sh("ip", &["link", "del", &format!("mlh{idx}")]);
+        let _ = sh("ip", &["link", "del", &Network::veth(idx).0]);
         let _ = sh("ip", &["netns", "del", ns]);
     }
 }
