@@ -137,6 +137,23 @@ fn status_of(answer: &str) -> u16 {
     answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
+/// The proxy's open client connections on the listener at `port`: sockets with that local
+/// port, established or closed by the client but not yet by the proxy (CLOSE_WAIT: a leak
+/// if it stays). Counted from /proc/net/tcp, so that other tests running in this process at
+/// the same time, on their own ports, do not count.
+fn proxy_sockets(port: u16) -> usize {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 3 && cols[1].ends_with(&want) && (cols[3] == "01" || cols[3] == "08")
+        })
+        .count()
+}
+
 /// meshlet in front of `endpoints` as `web.default`, with extra top-level YAML.
 async fn meshlet(endpoints: &[SocketAddr], extra: &str) -> Meshlet {
     let mut config = upstream_config("web.default", endpoints);
@@ -292,6 +309,13 @@ async fn broken_uploads_are_the_clients_fault_and_eject_nobody() {
     assert!(!text.contains("status=\"502\""), "{text}");
     let endpoints = admin_get(m.addrs.admin, "/endpoints").await.unwrap().1;
     assert!(!endpoints.contains("ejected"), "{endpoints}");
+    // Nothing of the 60 is left open by the proxy (the good client has stopped too).
+    eventually(
+        "the broken uploads' sockets closed",
+        Duration::from_secs(5),
+        || async { proxy_sockets(addr.port()) == 0 },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -468,6 +492,31 @@ async fn slow_heads_get_408_and_never_an_upstream_connection() {
             b"host: web.default\r\nx-a: b\r\n\r\n",
         )),
     ];
+    // Forty more that send a request line and then nothing: each holds one proxy socket and
+    // no upstream connection, and none is left after their 408.
+    let held_before = proxy_sockets(addr.port());
+    let mut stalled = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = proxy_sockets(addr.port());
+    assert!(
+        during >= 40 && during <= held_before + 40 + 2,
+        "{during} proxy sockets with 40 stalled clients, {held_before} before"
+    );
+    for mut s in stalled {
+        let answer = read_for(&mut s, Duration::from_secs(3)).await;
+        assert_eq!(status_of(&answer), 408, "{answer:?}");
+    }
+    eventually(
+        "the stalled clients' sockets closed",
+        Duration::from_secs(3),
+        || async { proxy_sockets(addr.port()) <= held_before + 2 },
+    )
+    .await;
     for s in slowlorises {
         let (answer, took) = s.await.unwrap();
         assert_eq!(status_of(&answer), 408, "{answer:?}");
