@@ -146,12 +146,18 @@ fn proxy_sockets(port: u16) -> usize {
     ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
-        .filter(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.len() > 3 && cols[1].ends_with(&want) && (cols[3] == "01" || cols[3] == "08")
+        .map(|t| {
+            t.lines()
+                .skip(1)
+                .filter(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    cols.len() > 3
+                        && cols[1].ends_with(&want)
+                        && (cols[3] == "01" || cols[3] == "08")
+                })
+                .count()
         })
-        .count()
+        .sum()
 }
 
 /// meshlet in front of `endpoints` as `web.default`, with extra top-level YAML.

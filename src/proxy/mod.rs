@@ -282,10 +282,17 @@ pub enum Listener {
     Upstream(ServiceRef),
 }
 
-/// Counts a connection in the open-connections gauge while it lives.
-struct OpenConn(prometheus::IntGauge);
+/// Counts a connection in a gauge (open, parked) while it lives.
+struct Counted(prometheus::IntGauge);
 
-impl Drop for OpenConn {
+impl Counted {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Counted(gauge)
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.dec();
     }
@@ -570,12 +577,11 @@ impl Proxy {
             self.tasks.spawn(
                 async move {
                     let _permit = permit;
-                    let gauge = this
-                        .metrics
-                        .open_connections
-                        .with_label_values(&[direction.as_str()]);
-                    gauge.inc();
-                    let _open = OpenConn(gauge);
+                    let _open = Counted::new(
+                        this.metrics
+                            .open_connections
+                            .with_label_values(&[direction.as_str()]),
+                    );
                     match kind {
                         Listener::Outbound => this.outbound(stream, local).await,
                         Listener::Inbound => this.inbound(stream).await,
@@ -1041,7 +1047,7 @@ where
         prefix.extend_from_slice(&unread);
         drop((parts.read_buf, parts.service, unread));
         if prefix.is_empty() {
-            let _parked = Parked::new(parked);
+            let _parked = Counted::new(parked.clone());
             let left = state
                 .idle_for()
                 .map_or(Duration::ZERO, |d| settings.idle_timeout.saturating_sub(d));
@@ -1082,22 +1088,6 @@ async fn first_byte(stream: &TcpStream) -> std::io::Result<bool> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// Counts a parked connection while it lives.
-struct Parked<'a>(&'a prometheus::IntGauge);
-
-impl<'a> Parked<'a> {
-    fn new(g: &'a prometheus::IntGauge) -> Self {
-        g.inc();
-        Parked(g)
-    }
-}
-
-impl Drop for Parked<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 
