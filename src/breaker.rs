@@ -277,6 +277,19 @@ impl Breaker {
         }
     }
 
+    /// The probe's request ended without an outcome (its client went away before the answer
+    /// ended): the endpoint is due a probe again at once, rather than when the probe lease (see
+    /// [`Breaker::admit`]) runs out. A probe that has already been judged is left alone.
+    pub fn release_probe(&self, now: Instant) {
+        let mut inner = self.lock();
+        if let Phase::Probing { .. } = inner.phase {
+            inner.phase = Phase::Open {
+                since: now,
+                backoff: Duration::ZERO,
+            };
+        }
+    }
+
     pub fn state(&self, now: Instant) -> State {
         if self.settings.mode == Mode::Off {
             return State::Closed;
@@ -613,6 +626,27 @@ mod tests {
             Some(Transition::Ejected { backoff }) => backoff,
             t => panic!("expected an ejection, got {t:?}"),
         }
+    }
+
+    #[test]
+    fn a_released_probe_is_due_again_at_once() {
+        let b = breaker(exact(Mode::Consecutive));
+        let t0 = Instant::now();
+        let backoff = eject(&b, t0);
+        let due = t0 + backoff;
+        assert_eq!(b.admit(due), Admission::Probe);
+        // Without a release, the endpoint stays out for the probe lease.
+        assert_eq!(b.admit(due + MS), Admission::Ejected);
+        b.release_probe(due + MS);
+        assert_eq!(b.state(due + MS), State::HalfOpen);
+        assert_eq!(b.admit(due + MS), Admission::Probe);
+        // A release after the probe's outcome changes nothing.
+        assert_eq!(
+            b.record(due + MS, true, 10 * MS, true, true, None),
+            Some(Transition::Restored)
+        );
+        b.release_probe(due + 2 * MS);
+        assert_eq!(b.state(due + 2 * MS), State::Closed);
     }
 
     /// Takes the probe at `now` and fails it; returns the new backoff.

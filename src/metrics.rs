@@ -13,6 +13,8 @@ pub struct Metrics {
     pub registry: Registry,
     /// HTTP requests answered, by direction, service and status code.
     pub requests: IntCounterVec,
+    /// meshlet's own answers, by reason (see `proxy::error::ProxyError::label`).
+    pub errors: IntCounterVec,
     /// Time from receiving the request head to sending the response head.
     pub response_duration: HistogramVec,
     /// Connections accepted, by direction and detected protocol.
@@ -106,8 +108,16 @@ impl Metrics {
             requests: counter(
                 &r,
                 "meshlet_requests_total",
-                "HTTP requests answered, by direction, service and status code",
-                &["direction", "service", "status"],
+                "HTTP requests answered, by direction, service, status code and classification \
+                 (success, failure, cancelled), counted when the response ends",
+                &["direction", "service", "status", "classification"],
+            ),
+            errors: counter(
+                &r,
+                "meshlet_errors_total",
+                "Requests meshlet answered itself instead of an endpoint, by direction, service \
+                 and reason",
+                &["direction", "service", "reason"],
             ),
             response_duration,
             connections: counter(

@@ -427,7 +427,7 @@ async fn a_client_silent_before_its_first_request_is_still_http() {
     assert_eq!(
         metric(
             &text,
-            "meshlet_requests_total{direction=\"outbound\",service=\"web.default\",status=\"200\"}"
+            "meshlet_requests_total{classification=\"success\",direction=\"outbound\",service=\"web.default\",status=\"200\"}"
         ),
         Some(3.0),
         "{text}"

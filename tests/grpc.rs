@@ -498,7 +498,7 @@ async fn all_four_call_kinds_round_trip() {
     assert_eq!(
         metric(
             &text,
-            r#"meshlet_requests_total{direction="outbound",service="grpc.default",status="200"}"#
+            r#"meshlet_requests_total{classification="success",direction="outbound",service="grpc.default",status="200"}"#
         ),
         Some(4.0),
         "{text}"

@@ -62,7 +62,7 @@ async fn http1_keepalive_requests_are_balanced_per_request() {
     assert_eq!(
         metric(
             &text,
-            r#"meshlet_requests_total{direction="outbound",service="web.default",status="200"}"#
+            r#"meshlet_requests_total{classification="success",direction="outbound",service="web.default",status="200"}"#
         ),
         Some(300.0),
         "{text}"

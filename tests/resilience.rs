@@ -1125,3 +1125,305 @@ async fn timeouts_answer_504_and_grpc_deadline_exceeded() {
         );
     }
 }
+
+// ===== outcomes, classified when the response ends =====
+
+/// A gRPC answer: 200, one empty message, then trailers with `code`.
+fn grpc_answer(code: &'static str) -> Handler {
+    handler(move |_| async move {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", code.parse().unwrap());
+        let frames = vec![
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+            .unwrap()
+    })
+}
+
+/// The `/health` entry of `service`, once it shows `requests` (the health model is
+/// evaluated on a tick).
+async fn dependency(m: &Meshlet, service: &str, requests: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = admin_get(m.addrs.admin, "/health").await.unwrap();
+        let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let d = h["dependencies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == service)
+            .cloned();
+        if let Some(d) = d.filter(|d| d["requests"] == requests) {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no dependency {service} with {requests} requests in {h:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unavailable_in_trailers_is_a_failure_for_breaker_and_health() {
+    let _serial = SERIAL.lock().await;
+    let bad = FaultBackend::start(grpc_answer("14")).await;
+    let m = Meshlet::start(&config(
+        "",
+        &[(
+            "grpc.default",
+            &[bad.addr],
+            "{breaker_backoff: 30s, breaker_backoff_max: 30s}",
+        )],
+    ))
+    .await;
+    let mut h2 = h2_connect(m.upstream(0)).await;
+    // Seven consecutive failures eject (the default breaker); each call gets the server's
+    // own answer, its trailers included.
+    for i in 0..7 {
+        h2.ready().await.unwrap();
+        let rsp = h2
+            .send_request(grpc_request("grpc.default", None))
+            .await
+            .unwrap();
+        let mut body = rsp.into_body();
+        let mut status = None;
+        while let Some(f) = body.frame().await {
+            if let Ok(t) = f.unwrap().into_trailers() {
+                status = t
+                    .get("grpc-status")
+                    .map(|v| v.to_str().unwrap().to_string());
+            }
+        }
+        assert_eq!(status.as_deref(), Some("14"), "call {i}");
+    }
+    assert_eq!(bad.hits(), 7);
+    let ejected = [("service", "grpc.default"), ("transition", "ejected")];
+    eventually("the endpoint ejected", Duration::from_secs(5), || async {
+        sample(
+            &m.metrics().await,
+            "meshlet_breaker_transitions_total",
+            &ejected,
+        ) == Some(1.0)
+    })
+    .await;
+    // The next call is answered by meshlet: no endpoint is available.
+    h2.ready().await.unwrap();
+    let a = collect(
+        h2.send_request(grpc_request("grpc.default", None))
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.header("grpc-status").as_deref(), Some("14"));
+    assert_eq!(
+        a.header("meshlet-error").as_deref(),
+        Some("no available endpoints for grpc.default")
+    );
+    assert_eq!(bad.hits(), 7);
+
+    let d = dependency(&m, "grpc.default", 8).await;
+    assert_eq!(d["success_rate"], 0.0, "{d:#}");
+    let text = m.metrics().await;
+    let failed = [
+        ("service", "grpc.default"),
+        ("status", "200"),
+        ("classification", "failure"),
+    ];
+    assert_eq!(
+        sample(&text, "meshlet_requests_total", &failed),
+        Some(8.0),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_endpoint_times_out_and_is_ejected() {
+    let _serial = SERIAL.lock().await;
+    // Accepts connections and never answers.
+    let hole = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            conns.push(s);
+        }
+    });
+    let m = Meshlet::start(&config(
+        "",
+        &[(
+            "web.default",
+            &[hole_addr],
+            "{timeout: 100ms, max_retries: 0, breaker_failures: 3, breaker_backoff: 30s, \
+             breaker_backoff_max: 30s}",
+        )],
+    ))
+    .await;
+    let mut c = H1Client::connect(m.upstream(0)).await.unwrap();
+    for i in 0..3 {
+        let r = get(&mut c, "web.default", "/").await;
+        assert_eq!(r.status, 504, "request {i}: {:?}", r.body_text());
+    }
+    let text = m.metrics().await;
+    let ejected = [("service", "web.default"), ("transition", "ejected")];
+    assert_eq!(
+        sample(&text, "meshlet_breaker_transitions_total", &ejected),
+        Some(1.0),
+        "{text}"
+    );
+    let hole_label = hole_addr.to_string();
+    let state = [
+        ("service", "web.default"),
+        ("endpoint", hole_label.as_str()),
+    ];
+    assert_eq!(
+        sample(&text, "meshlet_endpoint_breaker_state", &state),
+        Some(1.0)
+    );
+    // Ejected: the next request fails fast instead of waiting out another timeout.
+    let t = Instant::now();
+    let r = get(&mut c, "web.default", "/").await;
+    assert_eq!(r.status, 503, "{:?}", r.body_text());
+    assert_eq!(
+        r.header("meshlet-error").as_deref(),
+        Some("no available endpoints for web.default")
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
+    held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_breaker_probe_releases_its_endpoint_at_once() {
+    let _serial = SERIAL.lock().await;
+    // 0: answer 503; 1: hang; 2: answer 200.
+    let mode = Arc::new(AtomicUsize::new(0));
+    let m2 = mode.clone();
+    let b = FaultBackend::start(handler(move |_| {
+        let mode = m2.load(Ordering::SeqCst);
+        async move {
+            match mode {
+                0 => text(503, "failing\n"),
+                1 => {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    text(200, "late")
+                }
+                _ => text(200, "back"),
+            }
+        }
+    }))
+    .await;
+    // The probe lease (30 s) is far longer than the test: only a release lets the endpoint
+    // be probed again soon.
+    let m = Meshlet::start(&config(
+        "",
+        &[(
+            "web.default",
+            &[b.addr],
+            "{max_retries: 0, breaker_failures: 2, breaker_backoff: 200ms, \
+             breaker_backoff_max: 30s}",
+        )],
+    ))
+    .await;
+    let mut c = H1Client::connect(m.upstream(0)).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(get(&mut c, "web.default", "/").await.status, 503);
+    }
+    assert_eq!(get(&mut c, "web.default", "/").await.status, 503);
+    assert_eq!(b.hits(), 2, "ejected after two failures");
+
+    // After the backoff, the next request is the probe; its client gives up on it.
+    mode.store(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Over HTTP/2, where giving up cancels the stream (RST_STREAM) and meshlet drops the
+    // request at once.
+    let mut probe = h2_connect(m.upstream(0)).await;
+    probe.ready().await.unwrap();
+    let call = probe.send_request(
+        Request::get("http://web.default/")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    );
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), call).await;
+    assert!(gave_up.is_err(), "the probe hangs");
+    assert_eq!(b.hits(), 3, "the probe reached the endpoint");
+
+    // The endpoint recovered: the next request is a new probe, answered by it.
+    mode.store(2, Ordering::SeqCst);
+    eventually("a new probe", Duration::from_secs(5), || async {
+        let mut c = H1Client::connect(m.upstream(0)).await.unwrap();
+        get(&mut c, "web.default", "/").await.status == 200
+    })
+    .await;
+    let text = m.metrics().await;
+    let restored = [("service", "web.default"), ("transition", "restored")];
+    assert_eq!(
+        sample(&text, "meshlet_breaker_transitions_total", &restored),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_dying_mid_response_is_counted_as_a_failure() {
+    let _serial = SERIAL.lock().await;
+    // Sends a head promising 1,000 bytes, then 10 bytes, then closes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if read_request(&mut s).await.is_some() {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+                        .await;
+                }
+            });
+        }
+    });
+    let m = Meshlet::start(&config("", &[("web.default", &[addr], "{max_retries: 0}")])).await;
+    let mut c = H1Client::connect(m.upstream(0)).await.unwrap();
+    let r = c.send(req(Method::GET, "web.default", "/", "")).await;
+    assert!(
+        r.is_err(),
+        "the client sees the answer break off: {:?}",
+        r.map(|a| a.status)
+    );
+    let failed = [
+        ("service", "web.default"),
+        ("status", "200"),
+        ("classification", "failure"),
+    ];
+    eventually(
+        "the request counted as failed",
+        Duration::from_secs(5),
+        || async { sample(&m.metrics().await, "meshlet_requests_total", &failed) == Some(1.0) },
+    )
+    .await;
+    let text = m.metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            "meshlet_requests_total",
+            &[("service", "web.default"), ("classification", "success")]
+        ),
+        None,
+        "{text}"
+    );
+    let d = dependency(&m, "web.default", 1).await;
+    assert_eq!(d["success_rate"], 0.0, "{d:#}");
+    assert!(
+        d["last_error"].as_str().unwrap().contains("broke off"),
+        "{d:#}"
+    );
+    server.abort();
+}

@@ -120,7 +120,7 @@ async fn redirected_virtual_address_is_balanced_over_endpoints() {
     assert_eq!(
         metric(
             &text,
-            r#"meshlet_requests_total{direction="outbound",service="web.default",status="200"}"#
+            r#"meshlet_requests_total{classification="success",direction="outbound",service="web.default",status="200"}"#
         ),
         Some(60.0),
         "{text}"
@@ -300,7 +300,7 @@ async fn redirected_silent_and_unusual_http_clients_stay_http() {
     assert_eq!(
         metric(
             &text,
-            r#"meshlet_requests_total{direction="outbound",service="web.default",status="200"}"#
+            r#"meshlet_requests_total{classification="success",direction="outbound",service="web.default",status="200"}"#
         ),
         Some(11.0),
         "{text}"

@@ -135,7 +135,7 @@ async fn v6_redirected_virtual_address_is_balanced_over_endpoints() {
     assert_eq!(
         metric(
             &text,
-            r#"meshlet_requests_total{direction="outbound",service="web.default",status="200"}"#
+            r#"meshlet_requests_total{classification="success",direction="outbound",service="web.default",status="200"}"#
         ),
         Some(120.0),
         "{text}"
@@ -332,7 +332,7 @@ async fn v6_reflected_flow_labels_do_not_hide_the_service() {
     assert_eq!(
         metric(
             &text,
-            r#"meshlet_requests_total{direction="outbound",service="web.default",status="200"}"#
+            r#"meshlet_requests_total{classification="success",direction="outbound",service="web.default",status="200"}"#
         ),
         Some(6.0),
         "{text}"

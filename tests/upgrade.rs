@@ -221,7 +221,7 @@ async fn websocket_echo_round_trips_and_closes_cleanly() {
     assert_eq!(
         metric(
             &last,
-            r#"meshlet_requests_total{direction="outbound",service="ws.default",status="101"}"#
+            r#"meshlet_requests_total{classification="success",direction="outbound",service="ws.default",status="101"}"#
         ),
         Some(1.0),
         "{last}"
@@ -278,6 +278,52 @@ async fn concurrent_websocket_sessions_stay_apart() {
         .map(|h| h.path.clone())
         .collect();
     assert_eq!(paths, ["/a", "/b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_refused_by_one_endpoint_goes_to_another() {
+    // One of the service's two endpoints refuses connections. Each upgrade that lands on it
+    // first is sent to the other endpoint (nothing was sent yet) and still gets its 101 and a
+    // working session: the client never sees the dead endpoint.
+    let echo = WsEcho::start().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let m = Meshlet::start(&upstream_config("ws.default", &[dead, echo.addr])).await;
+    let dead_errors =
+        format!(r#"meshlet_connect_errors_total{{endpoint="{dead}",service="ws.default"}}"#);
+    // p2c picks the dead endpoint for a given upgrade with probability 1/2 until it has, so
+    // 40 upgrades all but surely include one that tried it first.
+    let mut upgrades = 0;
+    for i in 0..40 {
+        let stream = TcpStream::connect(m.upstream(0)).await.unwrap();
+        let (mut ws, rsp) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::client_async(format!("ws://ws.default/s{i}"), stream),
+        )
+        .await
+        .expect("handshake in time")
+        .unwrap_or_else(|e| panic!("upgrade {i} through meshlet: {e}"));
+        assert_eq!(rsp.status(), 101);
+        ws.send(Message::text(format!("m{i}"))).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::text(format!("m{i}"))
+        );
+        ws.close(None).await.unwrap();
+        while ws.next().await.is_some() {}
+        upgrades += 1;
+        if metric(&m.metrics().await, &dead_errors).unwrap_or(0.0) >= 1.0 && upgrades >= 4 {
+            break;
+        }
+    }
+    let text = m.metrics().await;
+    assert!(
+        metric(&text, &dead_errors).unwrap_or(0.0) >= 1.0,
+        "the dead endpoint was never tried: {text}"
+    );
+    assert_eq!(echo.handshakes.lock().unwrap().len(), upgrades);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -516,7 +516,7 @@ mod tests {
         let w = super::super::window::Window::new();
         for i in 0..100 {
             w.record(
-                if i < 42 { 200 } else { 503 },
+                super::super::window::tests::status(if i < 42 { 200 } else { 503 }),
                 Duration::from_millis(1),
                 None,
             );

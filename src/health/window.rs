@@ -43,8 +43,23 @@ struct Inner {
 enum LastError {
     /// The text of meshlet's own `meshlet-error` header.
     Meshlet(HeaderValue),
-    /// An upstream answer with a 5xx status.
+    /// An upstream answer with a failing status.
     Status(u16),
+    /// A gRPC answer with a failing grpc-status.
+    Grpc(u16),
+    /// An upstream answer that broke off or was cut mid-body.
+    Broken(u16),
+}
+
+/// How one request ended, for the window.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer {
+    pub status: u16,
+    pub grpc: Option<u16>,
+    /// The request's classification (see `proxy::outcome`) said failure.
+    pub failed: bool,
+    /// The stream ended early: it broke or was cut.
+    pub broken: bool,
 }
 
 /// The window; see the module doc.
@@ -168,11 +183,12 @@ impl Window {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// Records one answered request. `error`: meshlet's own error text, if it answered itself.
-    pub fn record(&self, status: u16, latency: Duration, error: Option<&HeaderValue>) {
+    /// Records one answered request. `error`: meshlet's own error text, if it answered itself
+    /// (always a failure).
+    pub fn record(&self, a: Answer, latency: Duration, error: Option<&HeaderValue>) {
         let now = Instant::now();
         let second = now.saturating_duration_since(self.epoch).as_secs();
-        let failed = error.is_some() || status >= 500;
+        let failed = error.is_some() || a.failed;
         self.mark_used();
         let mut inner = lock(&self.inner);
         let b = &mut inner.buckets[(second % SECONDS as u64) as usize];
@@ -190,7 +206,9 @@ impl Window {
         if failed {
             let e = match error {
                 Some(v) => LastError::Meshlet(v.clone()),
-                None => LastError::Status(status),
+                None if a.broken => LastError::Broken(a.status),
+                None if a.grpc.is_some_and(|c| c != 0) => LastError::Grpc(a.grpc.unwrap_or(0)),
+                None => LastError::Status(a.status),
             };
             inner.last_error = Some((now, e));
         }
@@ -220,6 +238,10 @@ impl Window {
             s.last_error = Some(match e {
                 LastError::Meshlet(v) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
                 LastError::Status(code) => format!("HTTP {code} from the upstream"),
+                LastError::Grpc(code) => format!("grpc-status {code} from the upstream"),
+                LastError::Broken(code) => {
+                    format!("an HTTP {code} answer from the upstream broke off before its end")
+                }
             });
         }
         s
@@ -227,7 +249,7 @@ impl Window {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -256,15 +278,24 @@ mod tests {
         }
     }
 
+    pub(crate) fn status(status: u16) -> Answer {
+        Answer {
+            status,
+            grpc: None,
+            failed: status >= 500,
+            broken: false,
+        }
+    }
+
     #[test]
     fn counts_rates_and_quantiles() {
         let w = Window::new();
         for _ in 0..98 {
-            w.record(200, Duration::from_millis(2), None);
+            w.record(status(200), Duration::from_millis(2), None);
         }
-        w.record(503, Duration::from_millis(400), None);
+        w.record(status(503), Duration::from_millis(400), None);
         let err = HeaderValue::from_static("no endpoints for a.b");
-        w.record(503, Duration::from_millis(400), Some(&err));
+        w.record(status(503), Duration::from_millis(400), Some(&err));
         let s = w.stats();
         assert_eq!((s.ok, s.failed), (98, 2));
         assert_eq!(s.success_rate(), Some(0.98));
@@ -274,5 +305,32 @@ mod tests {
         assert!((400.0..=600.0).contains(&p99), "{p99}");
         assert_eq!(s.last_error.as_deref(), Some("no endpoints for a.b"));
         assert_eq!(Stats::default().quantile_ms(0.5), None);
+    }
+
+    #[test]
+    fn last_error_says_what_failed() {
+        let w = Window::new();
+        let grpc = Answer {
+            grpc: Some(14),
+            failed: true,
+            ..status(200)
+        };
+        w.record(grpc, Duration::from_millis(1), None);
+        let s = w.stats();
+        assert_eq!((s.ok, s.failed), (0, 1));
+        assert_eq!(
+            s.last_error.as_deref(),
+            Some("grpc-status 14 from the upstream")
+        );
+        let broken = Answer {
+            failed: true,
+            broken: true,
+            ..status(200)
+        };
+        w.record(broken, Duration::from_millis(1), None);
+        assert_eq!(
+            w.stats().last_error.as_deref(),
+            Some("an HTTP 200 answer from the upstream broke off before its end")
+        );
     }
 }

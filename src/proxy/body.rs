@@ -6,11 +6,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::client::PoolReturn;
 use super::edge::Exchange;
+use super::outcome::{Attempt, End};
 
 /// The error of a body on the data path: the peer's (hyper's), or meshlet cutting a stream
 /// short (see `edge::ServedBody`).
@@ -44,6 +45,8 @@ impl From<hyper::Error> for BodyError {
 pub struct Body {
     kind: Kind,
     on_end: Option<PoolReturn>,
+    /// The attempt this response answers: told of the trailers and of how the body ends.
+    attempt: Option<Box<Attempt>>,
 }
 
 enum Kind {
@@ -77,6 +80,7 @@ impl Body {
         Body {
             kind: Kind::Empty,
             on_end: None,
+            attempt: None,
         }
     }
 
@@ -89,6 +93,7 @@ impl Body {
                 Kind::Full(Some(bytes))
             },
             on_end: None,
+            attempt: None,
         }
     }
 
@@ -96,6 +101,7 @@ impl Body {
         Body {
             kind: Kind::Incoming(b),
             on_end: None,
+            attempt: None,
         }
     }
 
@@ -104,6 +110,7 @@ impl Body {
         Body {
             kind: Kind::Client(b, exchange),
             on_end: None,
+            attempt: None,
         }
     }
 
@@ -111,6 +118,7 @@ impl Body {
         Body {
             kind: Kind::Prefixed(Box::new(b)),
             on_end: None,
+            attempt: None,
         }
     }
 
@@ -118,6 +126,7 @@ impl Body {
         Body {
             kind: Kind::Shared(Box::new(b)),
             on_end: None,
+            attempt: None,
         }
     }
 
@@ -126,6 +135,22 @@ impl Body {
         Body {
             kind: Kind::Incoming(b),
             on_end: Some(ret),
+            attempt: None,
+        }
+    }
+
+    /// The response of `attempt`: its outcome is recorded when the body ends (or is dropped).
+    pub fn observed(mut self, attempt: Attempt) -> Body {
+        self.attempt = Some(Box::new(attempt));
+        if self.kind_end_stream() {
+            self.end_attempt(End::Complete);
+        }
+        self
+    }
+
+    fn end_attempt(&mut self, end: End) {
+        if let Some(mut a) = self.attempt.take() {
+            a.end(end);
         }
     }
 
@@ -145,6 +170,37 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        let res = this.poll_kind(cx);
+        if this.attempt.is_some() {
+            match &res {
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Some(a) = this.attempt.as_mut() {
+                        a.frame(f);
+                    }
+                    if this.kind_end_stream() {
+                        this.end_attempt(End::Complete);
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => this.end_attempt(End::Failed),
+                Poll::Ready(None) => this.end_attempt(End::Complete),
+                Poll::Pending => {}
+            }
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.kind_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.kind_size_hint()
+    }
+}
+
+impl Body {
+    fn poll_kind(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self;
         match &mut this.kind {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
@@ -169,7 +225,7 @@ impl http_body::Body for Body {
         }
     }
 
-    fn is_end_stream(&self) -> bool {
+    fn kind_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
@@ -180,7 +236,7 @@ impl http_body::Body for Body {
         }
     }
 
-    fn size_hint(&self) -> SizeHint {
+    fn kind_size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
@@ -194,6 +250,14 @@ impl http_body::Body for Body {
 
 impl Drop for Body {
     fn drop(&mut self) {
+        if let Some(mut a) = self.attempt.take() {
+            let end = if self.kind_end_stream() {
+                End::Complete
+            } else {
+                End::dropped(a.exchange())
+            };
+            a.end(end);
+        }
         // A body read to its end leaves the connection reusable; hyper's server may stop
         // polling once `is_end_stream` says so, without asking for the final `None`.
         if self.on_end.is_some() && http_body::Body::is_end_stream(self) {

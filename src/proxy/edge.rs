@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::body::{Body, BodyError};
+use super::outcome::{End, RequestEnd};
 
 /// What the edge enforces (`http:` in the config).
 #[derive(Debug, Clone, Copy)]
@@ -328,10 +329,22 @@ impl<I: AsyncWrite> AsyncWrite for EdgeIo<I> {
 #[derive(Default)]
 pub struct Exchange {
     client_failed: AtomicBool,
+    /// meshlet cut the exchange short: its deadline passed or it was idle too long.
+    cut: AtomicBool,
     frames: AtomicU64,
 }
 
 impl Exchange {
+    /// meshlet cut the exchange short (deadline, stream idle timeout): whatever was in flight
+    /// to an endpoint then ended as the endpoint's failure, not as a cancellation.
+    pub fn was_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_cut(&self) {
+        self.cut.store(true, Ordering::Release);
+    }
+
     /// The client's request body broke off or was malformed.
     pub fn client_failed(&self) -> bool {
         self.client_failed.load(Ordering::Acquire)
@@ -383,14 +396,27 @@ impl Quiet {
     }
 }
 
-/// Resolves once no body frame has moved either way for `timeout`.
+/// Resolves once no body frame has moved either way for `timeout`, marking the exchange cut.
 pub async fn stream_idle(ex: &Exchange, timeout: Duration) {
     let mut q = Quiet::new(ex);
     loop {
         tokio::time::sleep(Quiet::step(timeout)).await;
         if q.expired(ex, timeout) {
+            ex.mark_cut();
             return;
         }
+    }
+}
+
+/// Resolves when the request's time is up (never without a deadline), marking the exchange
+/// cut.
+pub async fn deadline_passed(ex: &Exchange, deadline: Option<Duration>) {
+    match deadline {
+        Some(d) => {
+            tokio::time::sleep(d).await;
+            ex.mark_cut();
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -510,8 +536,22 @@ pin_project! {
         exchange: Arc<Exchange>,
         grpc: bool,
         ended: bool,
-        counters: Option<CutCounters>,
         busy: Option<Busy>,
+        // Records the request when it ends, and counts the cuts.
+        record: Option<RequestEnd>,
+    }
+    impl PinnedDrop for ServedBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(mut r) = this.record.take() {
+                let end = if *this.ended || http_body::Body::is_end_stream(&*this.inner) {
+                    End::Complete
+                } else {
+                    End::dropped(this.exchange)
+                };
+                r.end(end);
+            }
+        }
     }
 }
 
@@ -523,9 +563,15 @@ impl ServedBody {
         deadline: Option<(Instant, Duration)>,
         idle: Duration,
         grpc: bool,
-        counters: Option<CutCounters>,
         busy: Option<Busy>,
+        mut record: Option<RequestEnd>,
     ) -> ServedBody {
+        if http_body::Body::is_end_stream(&inner) {
+            // A bodiless answer is complete with its head: hyper may never poll it.
+            if let Some(r) = record.as_mut() {
+                r.end(End::Complete);
+            }
+        }
         let far = Instant::now() + Duration::from_secs(86400 * 365);
         ServedBody {
             inner,
@@ -538,8 +584,8 @@ impl ServedBody {
             exchange,
             grpc,
             ended: false,
-            counters,
             busy,
+            record,
         }
     }
 }
@@ -569,18 +615,34 @@ impl http_body::Body for ServedBody {
         match Pin::new(&mut *this.inner).poll_frame(cx) {
             Poll::Ready(Some(f)) => {
                 this.exchange.touch();
+                if let Some(r) = this.record.as_mut() {
+                    match &f {
+                        Ok(frame) => {
+                            r.frame(frame);
+                            // Recorded before the last bytes go out, so that a client that
+                            // has its answer finds it counted.
+                            if this.inner.is_end_stream() {
+                                r.end(End::Complete);
+                            }
+                        }
+                        Err(_) => r.end(End::Failed),
+                    }
+                }
                 return Poll::Ready(Some(f));
             }
             Poll::Ready(None) => {
                 *this.ended = true;
                 this.busy.take();
+                if let Some(r) = this.record.as_mut() {
+                    r.end(End::Complete);
+                }
                 return Poll::Ready(None);
             }
             Poll::Pending => {}
         }
         let cut = if *this.has_deadline && this.deadline.as_mut().poll(cx).is_ready() {
-            if let Some(c) = this.counters.as_ref() {
-                c.deadline.inc();
+            if let Some(r) = this.record.as_ref() {
+                r.cut_counters().deadline.inc();
             }
             Cut::Deadline(*this.deadline_after)
         } else {
@@ -594,13 +656,17 @@ impl http_body::Body for ServedBody {
                 let next = Instant::now() + Quiet::step(*this.idle);
                 this.idle_timer.as_mut().reset(next);
             }
-            if let Some(c) = this.counters.as_ref() {
-                c.idle.inc();
+            if let Some(r) = this.record.as_ref() {
+                r.cut_counters().idle.inc();
             }
             Cut::Idle(*this.idle)
         };
         *this.ended = true;
         this.busy.take();
+        this.exchange.mark_cut();
+        if let Some(r) = this.record.as_mut() {
+            r.end(End::Cut);
+        }
         tracing::debug!(error = %cut, "response cut short");
         if *this.grpc {
             let code = match cut {

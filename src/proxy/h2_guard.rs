@@ -45,7 +45,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
@@ -615,11 +615,7 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else {
-            let rsp = super::http::error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                this.grpc,
-                "this HTTP/2 connection is closing: too many streams reset by the client",
-            );
+            let rsp = super::error::ProxyError::ConnectionClosing.response(this.grpc);
             return Poll::Ready(Ok(rsp.map(|b| GuardedBody {
                 inner: None,
                 own: Some(b),

@@ -14,18 +14,18 @@ use hyper_util::rt::TokioIo;
 use super::body::Body;
 use super::client::{ConnectTime, SendError, Timeouts};
 use super::edge::{ConnState, Exchange, ServedBody};
+pub use super::error::MESHLET_ERROR;
+use super::error::ProxyError;
+use super::outcome::{Attempt, Class, End, RequestEnd, Seen};
 use super::{Resilience, Target};
-use crate::breaker::Transition;
 use crate::retry;
 
 /// Connect attempts for one request, each on a different endpoint.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 
-pub static MESHLET_ERROR: HeaderName = HeaderName::from_static("meshlet-error");
-
-/// The hyper service function: forwards and records metrics. Never fails: errors become
-/// responses with a `meshlet-error` header. The response body stays under the request's
-/// deadline and the stream idle timeout while it streams ([`ServedBody`]).
+/// The hyper service function. Never fails: errors become responses with a `meshlet-error`
+/// header. The response body stays under the request's deadline and the stream idle timeout
+/// while it streams, and the request is recorded when it ends ([`ServedBody`], [`RequestEnd`]).
 pub async fn handle(
     t: Arc<Target>,
     conn: Arc<ConnState>,
@@ -35,74 +35,83 @@ pub async fn handle(
     let start = Instant::now();
     let grpc = is_grpc(req.headers());
     let exchange = Arc::new(Exchange::default());
-    let (rsp, deadline) = forward(&t, &conn, &exchange, req).await;
-    t.metrics
-        .requests
-        .with_label_values(&[t.direction.as_str(), &t.service, rsp.status().as_str()])
-        .inc();
+    let f = forward(&t, &conn, &exchange, req).await;
+    let rsp = f.rsp;
     let elapsed = start.elapsed();
     t.duration.observe(elapsed.as_secs_f64());
-    let refused = rsp.status().is_client_error() && rsp.headers().contains_key(&MESHLET_ERROR);
-    // A request refused at the edge or broken by its client says nothing about the service.
-    if !refused && !exchange.client_failed() {
-        t.window.record(
-            rsp.status().as_u16(),
-            elapsed,
-            rsp.headers().get(&MESHLET_ERROR),
-        );
-    }
-    let deadline = deadline.map(|d| (tokio::time::Instant::from_std(start) + d, d));
+    let record = RequestEnd::new(
+        t.clone(),
+        f.resilience,
+        exchange.clone(),
+        Seen::head(rsp.status(), rsp.headers()),
+        rsp.headers().get(&MESHLET_ERROR).cloned(),
+        elapsed,
+    );
+    let deadline = f
+        .deadline
+        .map(|d| (tokio::time::Instant::from_std(start) + d, d));
     let idle = conn.settings.stream_idle_timeout;
-    Ok(rsp.map(|b| {
-        ServedBody::new(
-            b,
-            exchange,
-            deadline,
-            idle,
-            grpc,
-            Some(t.cut_counters.clone()),
-            Some(busy),
-        )
-    }))
+    Ok(rsp.map(|b| ServedBody::new(b, exchange, deadline, idle, grpc, Some(busy), Some(record))))
 }
 
-/// Forwards one request; returns the answer and the request's time limit, which still applies
-/// to the response body.
+/// One request's answer from [`forward`], with what still applies to its body.
+struct Forwarded {
+    rsp: Response<Body>,
+    /// The request's time limit, which still applies to the response body.
+    deadline: Option<Duration>,
+    /// The destination's settings the request ran with (what counts as a failure).
+    resilience: Option<Arc<Resilience>>,
+}
+
+/// Counts meshlet's own answer and builds it.
+fn answer(t: &Target, e: &ProxyError, grpc: bool) -> Response<Body> {
+    t.metrics
+        .errors
+        .with_label_values(&[t.direction.as_str(), &t.service, e.label()])
+        .inc();
+    e.response(grpc)
+}
+
+/// Forwards one request: the edge checks, the inbound limits, then deduplication or the
+/// attempts, all under the request's deadline and the stream idle timeout.
 async fn forward(
     t: &Arc<Target>,
     conn: &ConnState,
     ex: &Arc<Exchange>,
     mut req: Request<Incoming>,
-) -> (Response<Body>, Option<Duration>) {
+) -> Forwarded {
     let grpc = is_grpc(req.headers());
     let upgrade = if req.version() != Version::HTTP_2 && is_upgrade(req.headers()) {
         Some(hyper::upgrade::on(&mut req))
     } else {
         None
     };
+    let early = |rsp| Forwarded {
+        rsp,
+        deadline: None,
+        resilience: None,
+    };
     let (mut parts, body) = req.into_parts();
     if let Err(r) = super::edge::check_head(&mut parts, conn.dst) {
         tracing::debug!(status = %r.status, reason = %r.reason, "request refused at the edge");
-        let mut rsp =
-            error_response_with(r.status, grpc.then_some(GRPC_INVALID_ARGUMENT), &r.reason);
+        let mut rsp = answer(t, &ProxyError::Refused(r), grpc);
         if !grpc && parts.version != Version::HTTP_2 {
             // The connection may be out of step with the client after a malformed head.
             rsp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        return (rsp, None);
+        return early(rsp);
     }
     // Inbound limits answer at once, before anything else is spent on the request.
     let _permit = match admit_inbound(t) {
         Ok(p) => p,
         Err(limit) => {
             t.metrics.inbound_refused.with_label_values(&[limit]).inc();
-            let rsp = error_response_with(
-                StatusCode::SERVICE_UNAVAILABLE,
-                grpc.then_some(GRPC_RESOURCE_EXHAUSTED),
-                &format!("inbound {limit} limit reached for {}", t.service),
-            );
-            return (rsp, None);
+            let e = ProxyError::InboundLimit {
+                limit,
+                service: t.service.clone(),
+            };
+            return early(answer(t, &e, grpc));
         }
     };
     strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
@@ -136,45 +145,31 @@ async fn forward(
         send(t, &r, ex, req, upgrade, grpc).await
     };
     let idle = conn.settings.stream_idle_timeout;
-    let guarded = async {
-        tokio::select! {
-            rsp = work => rsp,
-            _ = super::edge::stream_idle(ex, idle) => {
-                t.cut_counters.idle.inc();
-                error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    grpc,
-                    &format!(
-                        "no bytes moved either way for {} (http.stream_idle_timeout)",
-                        humantime::format_duration(idle)
-                    ),
-                )
-            }
+    // Both timers mark the exchange cut before it is dropped, so that an attempt in flight
+    // ends as its endpoint's failure (see `outcome::Attempt`), not as a cancellation.
+    let rsp = tokio::select! {
+        rsp = work => rsp,
+        _ = super::edge::stream_idle(ex, idle) => {
+            t.cut_counters.idle.inc();
+            answer(t, &ProxyError::StreamIdle(idle), grpc)
+        }
+        _ = super::edge::deadline_passed(ex, deadline) => {
+            t.cut_counters.deadline.inc();
+            let e = ProxyError::Timeout {
+                service: t.service.clone(),
+                after: deadline.unwrap_or_default(),
+            };
+            answer(t, &e, grpc)
         }
     };
-    let rsp = match deadline {
-        None => guarded.await,
-        Some(d) => match tokio::time::timeout(d, guarded).await {
-            Ok(rsp) => rsp,
-            Err(_) => {
-                t.cut_counters.deadline.inc();
-                error_response_with(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    grpc.then_some(GRPC_DEADLINE_EXCEEDED),
-                    &format!("request to {} timed out after {d:?}", t.service),
-                )
-            }
-        },
-    };
-    (rsp, deadline)
+    Forwarded {
+        rsp,
+        deadline,
+        resilience: Some(r),
+    }
 }
 
 const GRPC_DEADLINE_GRACE: Duration = Duration::from_millis(25);
-const GRPC_UNAVAILABLE: &str = "14";
-const GRPC_DEADLINE_EXCEEDED: &str = "4";
-const GRPC_RESOURCE_EXHAUSTED: &str = "8";
-const GRPC_INVALID_ARGUMENT: &str = "3";
-const GRPC_CANCELLED: &str = "1";
 
 /// A request body that has not ended this soon after the head is treated as a stream (a
 /// client-streaming or bidi gRPC call, an upload in progress) and not held for retries.
@@ -259,24 +254,40 @@ impl Template {
     }
 }
 
-/// Sends a request to the route's endpoints with the policy's protections: breaker-aware
-/// picking (a probe when an ejected endpoint's backoff is over), connect failures tried on
-/// another endpoint (nothing was sent), retries of retryable answers within the budget with
-/// backoff and full jitter, preferring another endpoint.
+/// Sends a request to the destination's endpoints; meshlet's own answer when that fails.
 async fn send(
-    t: &Target,
-    r: &Resilience,
-    ex: &Exchange,
+    t: &Arc<Target>,
+    r: &Arc<Resilience>,
+    ex: &Arc<Exchange>,
     req: Request<Body>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
     grpc: bool,
 ) -> Response<Body> {
+    match attempts(t, r, ex, req, upgrade, grpc).await {
+        Ok(rsp) => rsp,
+        Err(e) => answer(t, &e, grpc),
+    }
+}
+
+/// The attempts of one request, with the policy's protections: breaker-aware picking (a probe
+/// when an ejected endpoint's backoff is over), connect failures tried on another endpoint
+/// (nothing was sent; an upgrade too), retries of retryable answers within the budget with
+/// backoff and full jitter, preferring another endpoint. Each attempt's outcome is recorded
+/// once, by its [`Attempt`]: at once when it is judged at its head, else when the response
+/// that rides back to the client ends.
+async fn attempts(
+    t: &Arc<Target>,
+    r: &Arc<Resilience>,
+    ex: &Arc<Exchange>,
+    req: Request<Body>,
+    mut upgrade: Option<hyper::upgrade::OnUpgrade>,
+    grpc: bool,
+) -> Result<Response<Body>, ProxyError> {
     let p = &r.policy;
     let timeouts = Timeouts {
         connect: p.connect_timeout.0,
         idle: p.idle_timeout.0,
     };
-    let idle = t.stream_idle_timeout;
     r.budget.deposit(Instant::now());
     let method = req.method().clone();
     // A request that may be sent again after it was sent keeps its head and its body (when the
@@ -296,13 +307,7 @@ async fn send(
             Ok(retry::Replay::Streaming(b)) => {
                 (Some(Request::from_parts(parts, Body::prefixed(b))), None)
             }
-            Err(e) => {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    grpc,
-                    &format!("reading the request body failed: {e}"),
-                );
-            }
+            Err(e) => return Err(ProxyError::RequestBody(e.to_string())),
         }
     } else {
         (Some(req), None)
@@ -312,10 +317,12 @@ async fn send(
     let mut connect_failures = 0usize;
     let mut retries = 0u32;
     let mut last_error: Option<String> = None;
-    let mut upgrade = upgrade;
     loop {
         let Some(req) = next.take() else {
-            return error_response(StatusCode::BAD_GATEWAY, grpc, "meshlet: no request to send");
+            return Err(ProxyError::Upstream {
+                service: t.service.clone(),
+                error: "no request to send".into(),
+            });
         };
         // Prefer an endpoint this request has not failed on; any admitted one otherwise.
         let picked = t.route.pick_admitted(&tried).or_else(|| {
@@ -324,43 +331,36 @@ async fn send(
                 .flatten()
         });
         let Some((ep, probe)) = picked else {
-            return unavailable(t, grpc, last_error);
+            return Err(unavailable(t, last_error));
         };
-        let inflight = ep.start();
-        let started = Instant::now();
-        let res = match upgrade.take() {
-            Some(client) => match ep.pool.send_upgrade(req, timeouts).await {
-                Ok(mut rsp) => {
-                    ep.connect_succeeded();
-                    inflight.complete();
-                    record(t, &ep, true, started, probe);
-                    if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        splice_upgrade(t, client, &mut rsp, idle);
-                    } else {
-                        strip_hop_by_hop(rsp.headers_mut(), false);
-                    }
-                    return rsp;
-                }
-                Err(e) => Err(e),
-            },
-            None => ep.pool.send(req, timeouts).await,
+        let mut attempt = Attempt::new(t, r, ex, ep.clone(), probe);
+        let res = if upgrade.is_some() {
+            ep.pool.send_upgrade(req, timeouts).await
+        } else {
+            ep.pool.send(req, timeouts).await
         };
         match res {
             Ok(mut rsp) => {
                 ep.connect_succeeded();
-                let mut inflight = inflight;
-                if let Some(ct) = rsp.extensions().get::<ConnectTime>() {
-                    inflight.discount(ct.0);
+                let connect = rsp.extensions().get::<ConnectTime>().map(|c| c.0);
+                let class = attempt.head(rsp.status(), rsp.headers(), connect);
+                if let Some(client) = upgrade.take() {
+                    // An upgrade's outcome is its answer: 101, or a refusal.
+                    attempt.end(End::Complete);
+                    if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        splice_upgrade(t, client, &mut rsp, t.stream_idle_timeout);
+                    } else {
+                        strip_hop_by_hop(rsp.headers_mut(), false);
+                    }
+                    return Ok(rsp);
                 }
-                inflight.complete();
                 let status = rsp.status();
-                let failure = r
-                    .failures
-                    .is_failure(status, retry::grpc_status(rsp.headers()));
-                record(t, &ep, !failure, started, probe);
-                if failure && p.retry_on.retries_response(&method, status, rsp.headers()) {
+                if class == Class::Failure
+                    && p.retry_on.retries_response(&method, status, rsp.headers())
+                {
                     match may_send_again(t, r, &replay, retries, rsp.headers()) {
                         Ok(wait) => {
+                            attempt.end(End::Complete);
                             drop(rsp);
                             retries += 1;
                             tried.push(ep.addr);
@@ -371,16 +371,15 @@ async fn send(
                     }
                 }
                 strip_hop_by_hop(rsp.headers_mut(), false);
-                return rsp;
+                return Ok(rsp.map(|b| b.observed(attempt)));
             }
             Err(SendError::Connect {
                 addr,
                 error,
                 request,
             }) => {
-                inflight.forget();
                 ep.connect_failed();
-                record(t, &ep, false, started, probe);
+                attempt.not_connected();
                 t.metrics
                     .connect_errors
                     .with_label_values(&[&*t.service, &addr.to_string()])
@@ -390,26 +389,22 @@ async fn send(
                 tried.push(addr);
                 connect_failures += 1;
                 if connect_failures >= MAX_CONNECT_ATTEMPTS {
-                    return unavailable(t, grpc, last_error);
+                    return Err(unavailable(t, last_error));
                 }
                 count_retry(t, "connect");
-                // Nothing was sent: the same request goes to another endpoint.
+                // Nothing was sent: the same request (an upgrade's too) goes to another
+                // endpoint.
                 next = Some(*request);
             }
             Err(e @ SendError::Upstream { .. }) if ex.client_failed() => {
                 // The client's body broke off or was malformed: the client's fault, not the
                 // endpoint's. Nothing is recorded against the endpoint and nothing retried.
-                inflight.forget();
+                attempt.end(End::Cancelled);
                 tracing::debug!(service = %t.service, error = %e, "the client's request body failed");
-                return error_response_with(
-                    StatusCode::BAD_REQUEST,
-                    grpc.then_some(GRPC_CANCELLED),
-                    &format!("the client's request body failed: {}", client_error(&e)),
-                );
+                return Err(ProxyError::ClientBody(client_error(&e)));
             }
             Err(e @ SendError::Upstream { .. }) => {
-                inflight.complete();
-                record(t, &ep, false, started, probe);
+                attempt.end(End::Failed);
                 tracing::debug!(service = %t.service, error = %e, "upstream request failed");
                 if p.retry_on.retries_reset(&method)
                     || (grpc && p.retry_on.reset && replay.is_some())
@@ -424,11 +419,10 @@ async fn send(
                         Err(reason) => count_skipped(t, reason),
                     }
                 }
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    grpc,
-                    &format!("upstream error for {}: {e}", t.service),
-                );
+                return Err(ProxyError::Upstream {
+                    service: t.service.clone(),
+                    error: e.to_string(),
+                });
             }
         }
     }
@@ -490,45 +484,20 @@ fn count_skipped(t: &Target, reason: &str) {
         .inc();
 }
 
-/// Records an outcome on the endpoint's breaker and shows a state change in the metrics.
-fn record(t: &Target, ep: &crate::balance::Endpoint, success: bool, started: Instant, probe: bool) {
-    let outcome = crate::balance::Outcome {
-        success,
-        latency: started.elapsed(),
-        probe,
-    };
-    if let Some(tr) = t.route.record(ep, outcome) {
-        let (label, state) = match tr {
-            Transition::Ejected { .. } => ("ejected", 1),
-            Transition::ProbeFailed { .. } => ("probe_failed", 1),
-            Transition::Restored => ("restored", 0),
-            Transition::EjectionSuppressed => ("suppressed", 0),
-        };
-        t.metrics
-            .breaker_transitions
-            .with_label_values(&[&t.service, label])
-            .inc();
-        t.metrics
-            .breaker_state
-            .with_label_values(&[&*t.service, &ep.addr.to_string()])
-            .set(state);
-    }
-}
-
 /// No endpoint could take the request: none known, all ejected, or none reachable.
-fn unavailable(t: &Target, grpc: bool, last_error: Option<String>) -> Response<Body> {
-    let msg = match last_error {
-        Some(e) => format!("no reachable endpoint for {} ({e})", t.service),
-        None if t.route.is_empty() => format!("no endpoints for {}", t.service),
-        None => format!("no available endpoints for {}", t.service),
-    };
+fn unavailable(t: &Target, last_error: Option<String>) -> ProxyError {
+    let service = t.service.clone();
     if t.route.is_empty() {
         t.metrics
             .no_endpoints
             .with_label_values(&[t.direction.as_str(), &t.service, "http"])
             .inc();
     }
-    error_response(StatusCode::SERVICE_UNAVAILABLE, grpc, &msg)
+    match last_error {
+        Some(last) => ProxyError::Unreachable { service, last },
+        None if t.route.is_empty() => ProxyError::NoEndpoints(service),
+        None => ProxyError::NoneAvailable(service),
+    }
 }
 
 /// After a `101 Switching Protocols`, joins the client's and the endpoint's upgraded streams.
@@ -637,42 +606,6 @@ fn set_authority(parts: &mut http::request::Parts, service: &str) {
     parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
 }
 
-/// An error answer from meshlet itself. gRPC clients get a trailers-only response with
-/// grpc-status UNAVAILABLE (14), which they understand, and the same `meshlet-error` header.
-pub fn error_response(status: StatusCode, grpc: bool, msg: &str) -> Response<Body> {
-    error_response_with(status, grpc.then_some(GRPC_UNAVAILABLE), msg)
-}
-
-/// An error answer; for a gRPC client, a trailers-only response with `grpc_code`.
-fn error_response_with(
-    status: StatusCode,
-    grpc_code: Option<&'static str>,
-    msg: &str,
-) -> Response<Body> {
-    let value = HeaderValue::from_str(msg).unwrap_or(HeaderValue::from_static("error"));
-    let mut rsp = if let Some(code) = grpc_code {
-        let mut r = Response::new(Body::empty());
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        r.headers_mut()
-            .insert("grpc-status", HeaderValue::from_static(code));
-        r.headers_mut().insert("grpc-message", value.clone());
-        r
-    } else {
-        let mut r = Response::new(Body::full(format!("{msg}\n")));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        r
-    };
-    rsp.headers_mut().insert(MESHLET_ERROR.clone(), value);
-    rsp
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -710,23 +643,5 @@ mod tests {
         assert!(is_upgrade(&h));
         strip_hop_by_hop(&mut h, true);
         assert!(h.contains_key(header::UPGRADE) && h.contains_key(header::CONNECTION));
-    }
-
-    #[test]
-    fn grpc_errors_are_trailers_only() {
-        let r = error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            true,
-            "no endpoints for a.b",
-        );
-        assert_eq!(r.status(), StatusCode::OK);
-        assert_eq!(r.headers()["grpc-status"], "14");
-        assert_eq!(r.headers()[&MESHLET_ERROR], "no endpoints for a.b");
-        let r = error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            false,
-            "no endpoints for a.b",
-        );
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -6,8 +6,10 @@ pub mod client;
 mod declared;
 pub mod detect;
 pub mod edge;
+pub mod error;
 pub mod h2_guard;
 pub mod http;
+pub mod outcome;
 pub mod tcp;
 
 use std::collections::{HashMap, HashSet};
