@@ -37,14 +37,7 @@ async fn meshlet_with(probes: &str) -> Meshlet {
     .expect("valid config");
     let mut app = App::bind(config).expect("bind");
     app.set_app_probes(Some(AppProbes::parse(probes).expect("valid probes")));
-    let addrs = app.addresses().clone();
-    let shutdown = app.shutdown_token();
-    let done = tokio::spawn(app.run());
-    let m = Meshlet {
-        addrs,
-        shutdown,
-        done,
-    };
+    let m = Meshlet::spawn(app);
     // Not `/ready`: it includes the app's readyz probes, which some tests make fail. Wait
     // for the proxy's own readiness, as `/health` reports it.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -6,6 +6,8 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,15 +29,7 @@ use tonic_prost::ProstCodec;
 /// Starts meshlet without waiting for `/ready` (which may be meant to fail).
 async fn start(yaml: &str) -> Meshlet {
     let config = Config::parse("test.yaml", yaml).expect("valid config");
-    let app = App::bind(config).expect("bind");
-    let addrs = app.addresses().clone();
-    let shutdown = app.shutdown_token();
-    let done = tokio::spawn(app.run());
-    Meshlet {
-        addrs,
-        shutdown,
-        done,
-    }
+    Meshlet::spawn(App::bind(config).expect("bind"))
 }
 
 /// Polls `f` every 20 ms until it gives a value, failing the test after `limit`.
@@ -337,6 +331,21 @@ async fn check(c: &mut tonic::client::Grpc<Channel>, service: &str) -> Result<i3
     Ok(rsp.into_inner().status)
 }
 
+/// A Watch of "" (overall readiness).
+async fn watch_overall(
+    mut c: tonic::client::Grpc<Channel>,
+) -> tonic::Streaming<HealthCheckResponse> {
+    c.ready().await.unwrap();
+    c.server_streaming(
+        tonic::Request::new(HealthCheckRequest::default()),
+        PathAndQuery::from_static("/grpc.health.v1.Health/Watch"),
+        ProstCodec::<HealthCheckRequest, HealthCheckResponse>::default(),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_health_check_and_watch() {
     let b = Killable::start("127.0.0.1:0".parse().unwrap()).await;
@@ -352,18 +361,9 @@ async fn grpc_health_check_and_watch() {
 
     // Watch "" from the start: NOT_SERVING (db.default has no endpoints), then SERVING once
     // the shared-outage guard lets go.
-    let mut w = c.clone();
+    let w = c.clone();
     let watch = tokio::spawn(async move {
-        w.ready().await.unwrap();
-        let mut s = w
-            .server_streaming(
-                tonic::Request::new(HealthCheckRequest::default()),
-                PathAndQuery::from_static("/grpc.health.v1.Health/Watch"),
-                ProstCodec::<HealthCheckRequest, HealthCheckResponse>::default(),
-            )
-            .await
-            .unwrap()
-            .into_inner();
+        let mut s = watch_overall(w).await;
         let mut got = Vec::new();
         while let Some(m) = s.message().await.unwrap() {
             got.push(m.status);
@@ -409,14 +409,7 @@ async fn ready_follows_the_app_readiness_probe() {
         ))
         .unwrap(),
     ));
-    let addrs = app.addresses().clone();
-    let shutdown = app.shutdown_token();
-    let done = tokio::spawn(app.run());
-    let m = Meshlet {
-        addrs,
-        shutdown,
-        done,
-    };
+    let m = Meshlet::spawn(app);
     let body = wait_for(
         "/ready to fail on the app",
         Duration::from_secs(5),
@@ -438,4 +431,55 @@ async fn ready_follows_the_app_readiness_probe() {
     // The app comes up: ready.
     let _app = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     assert_eq!(status(&m, "/ready").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_watchers_share_one_evaluation_per_tick() {
+    // The app's readiness probe is a TCP connect to a listener that counts them: each
+    // evaluation of "" runs it once.
+    let app_port = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = app_port.local_addr().unwrap().port();
+    let probes = Arc::new(AtomicUsize::new(0));
+    let p = probes.clone();
+    let counter = tokio::spawn(async move {
+        while let Ok((s, _)) = app_port.accept().await {
+            p.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let config = Config::parse(
+        "test.yaml",
+        "admin:\n  listen: 127.0.0.1:0\n  grpc_listen: 127.0.0.1:0\n",
+    )
+    .unwrap();
+    let mut app = App::bind(config).expect("bind");
+    app.set_app_probes(Some(
+        meshlet::health::probes::AppProbes::parse(&format!(
+            r#"{{"app": {{"readyz": {{"tcpSocket": {{"port": {port}}}}}}}}}"#
+        ))
+        .unwrap(),
+    ));
+    let m = Meshlet::spawn(app);
+    let addr = m.addrs.grpc.expect("gRPC health listener");
+    let c = grpc_client(addr).await;
+    let mut watchers = Vec::new();
+    for _ in 0..20 {
+        let mut s = watch_overall(c.clone()).await;
+        let first = s.message().await.unwrap().expect("the current status");
+        assert_eq!(first.status, SERVING);
+        watchers.push(s);
+    }
+    // Four seconds of watching: about one evaluation a second in all (each tick, and each
+    // publish of the dependency model), not one per watcher per second (80 and more).
+    let before = probes.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during = probes.load(Ordering::SeqCst) - before;
+    println!("20 watchers, 4 s: {during} evaluations of the readiness probe");
+    assert!(
+        during >= 2,
+        "the table is re-evaluated while watched: {during}"
+    );
+    assert!(during <= 16, "{during} evaluations for 20 watchers in 4 s");
+    drop(watchers);
+    counter.abort();
 }

@@ -65,9 +65,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::Probe;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use prost::Message as _;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 /// The probe names of the `/app-health/<container>/<probe>` route, in the JSON's key names.
 pub const PROBE_NAMES: [&str; 3] = ["livez", "readyz", "startupz"];
@@ -806,16 +808,14 @@ pub fn percent_decode(v: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `HealthCheckRequest { string service = 1; }` in a gRPC frame (uncompressed flag, length).
+/// A `HealthCheckRequest` (prost, from tonic-health) in a gRPC frame (uncompressed flag,
+/// length).
 #[doc(hidden)] // pub for the fuzz targets in fuzz/
 pub fn encode_check_request(service: &str) -> Result<Bytes, String> {
-    let mut msg = Vec::with_capacity(service.len() + 6);
-    if !service.is_empty() {
-        // Field 1, wire type 2 (length-delimited); proto3 leaves an empty string out.
-        msg.push(0x0a);
-        put_varint(&mut msg, service.len() as u64);
-        msg.extend_from_slice(service.as_bytes());
+    let msg = HealthCheckRequest {
+        service: service.to_string(),
     }
+    .encode_to_vec();
     let len = u32::try_from(msg.len()).map_err(|_| "the service name is too long".to_string())?;
     let mut out = Vec::with_capacity(5 + msg.len());
     out.push(0);
@@ -824,32 +824,10 @@ pub fn encode_check_request(service: &str) -> Result<Bytes, String> {
     Ok(Bytes::from(out))
 }
 
-pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8 & 0x7f) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// Reads a varint at `*at`, advancing it; `None` when truncated or longer than 10 bytes.
-pub(super) fn get_varint(buf: &[u8], at: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..70).step_by(7) {
-        let b = *buf.get(*at)?;
-        *at += 1;
-        v |= u64::from(b & 0x7f).checked_shl(shift)?;
-        if b & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-/// The `status` of a `HealthCheckResponse { ServingStatus status = 1; }` in one gRPC frame.
-/// Unknown fields are skipped, as protobuf requires; a missing status is 0 (UNKNOWN).
+/// The `status` of a `HealthCheckResponse` in one gRPC frame, decoded by prost (unknown fields
+/// skipped; a missing status is 0, UNKNOWN).
 #[doc(hidden)] // pub for the fuzz targets in fuzz/
-pub fn decode_check_response(frame: &[u8]) -> Result<u64, String> {
+pub fn decode_check_response(frame: &[u8]) -> Result<i32, String> {
     let header = frame
         .get(..5)
         .ok_or_else(|| "the answer holds no message".to_string())?;
@@ -860,33 +838,12 @@ pub fn decode_check_response(frame: &[u8]) -> Result<u64, String> {
     let msg = frame
         .get(5..5usize.saturating_add(len))
         .ok_or_else(|| "the answer's message is cut short".to_string())?;
-    let bad = || "the answer is not a HealthCheckResponse".to_string();
-    let mut status = 0;
-    let mut at = 0;
-    while at < msg.len() {
-        let key = get_varint(msg, &mut at).ok_or_else(bad)?;
-        let skip = match key & 7 {
-            0 => {
-                let v = get_varint(msg, &mut at).ok_or_else(bad)?;
-                if key >> 3 == 1 {
-                    status = v;
-                }
-                0
-            }
-            1 => 8,
-            2 => usize::try_from(get_varint(msg, &mut at).ok_or_else(bad)?).map_err(|_| bad())?,
-            5 => 4,
-            _ => return Err(bad()),
-        };
-        at = at
-            .checked_add(skip)
-            .filter(|&e| e <= msg.len())
-            .ok_or_else(bad)?;
-    }
-    Ok(status)
+    HealthCheckResponse::decode(msg)
+        .map(|r| r.status)
+        .map_err(|_| "the answer is not a HealthCheckResponse".to_string())
 }
 
-fn serving_status_name(s: u64) -> &'static str {
+fn serving_status_name(s: i32) -> &'static str {
     match s {
         0 => "UNKNOWN",
         1 => "SERVING",
@@ -1114,10 +1071,6 @@ mod tests {
         assert!(decode_check_response(&[0, 0, 0, 0, 1, 0x08]).is_err());
         assert!(decode_check_response(&[1, 0, 0, 0, 0]).is_err());
         assert!(decode_check_response(&[0, 0]).is_err());
-        let mut v = Vec::new();
-        put_varint(&mut v, 300);
-        assert_eq!(get_varint(&v, &mut 0), Some(300));
-        assert_eq!(get_varint(&[0xff; 11], &mut 0), None);
     }
 
     #[test]

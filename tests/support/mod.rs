@@ -120,17 +120,21 @@ impl Meshlet {
     /// Starts meshlet from YAML config text. Listener addresses may use port 0.
     pub async fn start(yaml: &str) -> Meshlet {
         let config = Config::parse("test.yaml", yaml).expect("valid config");
-        let app = App::bind(config).expect("bind");
+        let m = Meshlet::spawn(App::bind(config).expect("bind"));
+        m.wait_ready().await;
+        m
+    }
+
+    /// Runs a bound app, without waiting for `/ready` (which may be meant to fail).
+    pub fn spawn(app: App) -> Meshlet {
         let addrs = app.addresses().clone();
         let shutdown = app.shutdown_token();
         let done = tokio::spawn(app.run());
-        let m = Meshlet {
+        Meshlet {
             addrs,
             shutdown,
             done,
-        };
-        m.wait_ready().await;
-        m
+        }
     }
 
     pub async fn wait_ready(&self) {
