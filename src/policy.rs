@@ -105,7 +105,7 @@ policy! {
     /// A connection to an endpoint not made by then fails (and another endpoint is tried).
     connect_timeout: Dur = Dur(Duration::from_secs(1)), "connect-timeout", POSITIVE;
     /// Pooled upstream connections idle for longer are closed.
-    idle_timeout: Dur = Dur(Duration::from_secs(90)), "idle-timeout", POSITIVE;
+    idle_timeout: Dur = Dur(Duration::from_secs(4)), "idle-timeout", POSITIVE;
     /// What is retried besides connect failures (always retried): `5xx`, `gateway-error`,
     /// `reset`, `retriable-grpc`, `none`.
     retry_on: RetryOn = RetryOn::default_policy(), "retry-on", Bound::Any;

@@ -300,3 +300,62 @@ async fn endpoint_breaker_state_is_shown_on_the_admin_server() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_are_closed_after_the_idle_timeout() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
+    // A keep-alive backend (no idle timeout of its own) that notes when each of its
+    // connections closes.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let closed: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let c2 = closed.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let c = c2.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+                c.lock().unwrap().push(Instant::now());
+            });
+        }
+    });
+    let config = upstream_config("web.default", &[addr]).replace(
+        &format!("endpoints: {}\n", yaml_list(&[addr])),
+        &format!(
+            "endpoints: {}\n      policy: {{idle_timeout: 300ms}}\n",
+            yaml_list(&[addr])
+        ),
+    );
+    let m = Meshlet::start(&config).await;
+    let mut c = H1Client::connect(m.upstream(0)).await.unwrap();
+    assert_eq!(c.get("/").await.unwrap().status, 200);
+    let answered = Instant::now();
+    // No other request comes: meshlet itself closes its idle connection to the endpoint.
+    eventually(
+        "the pooled connection closed",
+        Duration::from_secs(5),
+        || async { !closed.lock().unwrap().is_empty() },
+    )
+    .await;
+    let after = closed.lock().unwrap()[0] - answered;
+    println!("pooled connection closed {after:?} after its answer");
+    assert!(after >= Duration::from_millis(250), "{after:?}");
+    // A new request opens a new connection and is answered.
+    assert_eq!(c.get("/").await.unwrap().status, 200);
+    server.abort();
+}

@@ -11,7 +11,8 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, Version};
@@ -36,7 +37,7 @@ pub struct ConnectTime(pub Duration);
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub connect: Duration,
-    /// Idle pooled HTTP/1.1 connections older than this are not reused.
+    /// Idle pooled HTTP/1.1 connections are closed after this long.
     pub idle: Duration,
 }
 
@@ -44,6 +45,10 @@ pub struct Pool {
     addr: SocketAddr,
     /// Idle HTTP/1.1 connections, with when each became idle.
     idle_h1: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
+    /// A reaper task is running: it closes idle connections as their idle timeout passes.
+    reaping: AtomicBool,
+    /// The idle timeout of the latest connection returned (the destination's `idle_timeout`).
+    idle_timeout_ns: AtomicU64,
     /// Held across a connect so that concurrent HTTP/2 requests share one new connection.
     h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
 }
@@ -69,6 +74,7 @@ pub enum SendError {
 pub(crate) struct PoolReturn {
     pool: Arc<Pool>,
     sender: http1::SendRequest<Body>,
+    idle_timeout: Duration,
 }
 
 impl PoolReturn {
@@ -79,6 +85,8 @@ impl PoolReturn {
         let mut idle = lock(&self.pool.idle_h1);
         if idle.len() < MAX_IDLE_H1 {
             idle.push((self.sender, Instant::now()));
+            drop(idle);
+            self.pool.reap_later(self.idle_timeout);
         }
     }
 }
@@ -88,8 +96,62 @@ impl Pool {
         Arc::new(Pool {
             addr,
             idle_h1: Mutex::new(Vec::new()),
+            reaping: AtomicBool::new(false),
+            idle_timeout_ns: AtomicU64::new(0),
             h2: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Makes sure idle connections are closed once idle for `timeout`, whether or not another
+    /// request comes: meshlet closes a kept-alive connection before the server does (its
+    /// `idle_timeout` is shorter than common server keep-alives), so that no request is sent on
+    /// a connection the server is closing. One task per endpoint while anything is idle; it
+    /// holds the pool weakly, so a removed endpoint's connections close with its pool.
+    fn reap_later(self: &Arc<Self>, timeout: Duration) {
+        let ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        self.idle_timeout_ns.store(ns, Ordering::Relaxed);
+        if self.reaping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.reaping.store(false, Ordering::Release);
+            return;
+        };
+        let pool: Weak<Pool> = Arc::downgrade(self);
+        rt.spawn(async move {
+            loop {
+                let next = match pool.upgrade() {
+                    Some(p) => p.reap(Instant::now()),
+                    None => return,
+                };
+                match next {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => return,
+                }
+            }
+        });
+    }
+
+    /// Closes the idle connections whose timeout has passed (dropping a sender closes its
+    /// connection). Returns how long until the next one's does; `None` when nothing is idle
+    /// any more, and the reaper stops.
+    fn reap(&self, now: Instant) -> Option<Duration> {
+        let timeout = Duration::from_nanos(self.idle_timeout_ns.load(Ordering::Relaxed));
+        let mut idle = lock(&self.idle_h1);
+        idle.retain(|(s, since)| !s.is_closed() && now.saturating_duration_since(*since) < timeout);
+        match idle.iter().map(|(_, since)| *since).min() {
+            Some(oldest) => Some(
+                (oldest + timeout)
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(10)),
+            ),
+            None => {
+                // Under the lock: a connection returned after this sees `false` and starts a
+                // new reaper.
+                self.reaping.store(false, Ordering::Release);
+                None
+            }
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -198,6 +260,7 @@ impl Pool {
                     let ret = PoolReturn {
                         pool: self.clone(),
                         sender,
+                        idle_timeout: t.idle,
                     };
                     return Ok(rsp.map(|b| Body::pooled(b, ret)));
                 }
