@@ -263,6 +263,9 @@ pub struct Balancer {
     endpoints: RwLock<Arc<[Arc<Endpoint>]>>,
     settings: BalanceSettings,
     endpoint_gauge: IntGauge,
+    /// Where the per-endpoint series live (breaker state, connect errors): an endpoint's go
+    /// with it.
+    metrics: Arc<crate::metrics::Metrics>,
     /// True once discovery has delivered the first full endpoint set.
     synced: tokio::sync::watch::Sender<bool>,
     /// The config's `defaults`, under the destination's own policy keys.
@@ -298,9 +301,10 @@ impl Balancer {
     pub fn new(
         service: Arc<str>,
         settings: BalanceSettings,
-        endpoint_gauge: IntGauge,
+        metrics: &Arc<crate::metrics::Metrics>,
         defaults: crate::policy::PolicySpec,
     ) -> Arc<Self> {
+        let endpoint_gauge = metrics.endpoints.with_label_values(&[&service]);
         let resolved = defaults.resolve();
         let breaker_settings = RwLock::new(Arc::new(breaker_settings(&resolved)));
         let policy = RwLock::new(Arc::new(resolved));
@@ -310,6 +314,7 @@ impl Balancer {
             endpoints: RwLock::new(Arc::from(Vec::new())),
             settings,
             endpoint_gauge,
+            metrics: metrics.clone(),
             synced: tokio::sync::watch::Sender::new(false),
             defaults,
             policy,
@@ -465,10 +470,20 @@ impl Balancer {
                     return;
                 }
                 tracing::debug!(service = %self.service, endpoint = %addr, "endpoint removed");
+                self.forget_series(addr);
             }
         }
         self.endpoint_gauge.set(list.len() as i64);
         *guard = Arc::from(list);
+    }
+
+    /// Removes a gone endpoint's metric series, so that an endpoint removed while ejected does
+    /// not report its breaker state forever (and the series do not pile up with churn).
+    fn forget_series(&self, addr: SocketAddr) {
+        let ep = addr.to_string();
+        let labels = [&*self.service, ep.as_str()];
+        let _ = self.metrics.breaker_state.remove_label_values(&labels);
+        let _ = self.metrics.connect_errors.remove_label_values(&labels);
     }
 
     /// Whether discovery has delivered the first full endpoint set.
@@ -596,11 +611,37 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_removed_endpoint_takes_its_series_with_it() {
+        let m = Arc::new(crate::metrics::Metrics::new());
+        let b = Balancer::new("web.default".into(), settings(), &m, Default::default());
+        let (gone, kept) = (
+            SocketAddr::from(([127, 0, 0, 1], 1000)),
+            SocketAddr::from(([127, 0, 0, 1], 1001)),
+        );
+        b.apply(Change::Insert(gone, ()));
+        b.apply(Change::Insert(kept, ()));
+        for ep in [gone, kept] {
+            let labels = ["web.default", &ep.to_string()];
+            m.breaker_state.with_label_values(&labels).set(1);
+            m.connect_errors.with_label_values(&labels).inc();
+        }
+        b.apply(Change::Remove(gone));
+        let text = m.render();
+        assert!(!text.contains(&gone.to_string()), "{text}");
+        assert!(
+            text.contains(&format!(
+                "meshlet_endpoint_breaker_state{{endpoint=\"{kept}\",service=\"web.default\"}} 1"
+            )),
+            "{text}"
+        );
+    }
+
     fn balancer(n: u16) -> Arc<Balancer> {
         let b = Balancer::new(
             "web.default".into(),
             settings(),
-            IntGauge::new("g", "g").unwrap(),
+            &Arc::new(crate::metrics::Metrics::new()),
             Default::default(),
         );
         for p in 0..n {

@@ -376,7 +376,7 @@ impl Proxy {
         let balancer = Balancer::new(
             label.clone(),
             self.settings,
-            self.metrics.endpoints.with_label_values(&[&label]),
+            &self.metrics,
             self.defaults.clone(),
         );
         let ready = self.readiness.register(format!("discovery of {name}"));
