@@ -199,11 +199,51 @@ struct Failing {
     last: Instant,
 }
 
-/// A failing watch is retried with kube-rs's backoff, at most 30 s apart, and each failed try
-/// is an error we see. A watch that resumes from its last resource version after an outage
-/// yields no event until something changes, so "no error for longer than the longest backoff"
-/// is what tells that it is working again.
-const RECOVERED_AFTER: Duration = Duration::from_secs(35);
+/// A failing watch is retried with [`WatchBackoff`], at most [`WATCH_BACKOFF_MAX`] apart, and
+/// each failed try is an error we see. A watch that resumes from its last resource version after
+/// an outage yields no event until something changes, so "no error for longer than the longest
+/// backoff" is what tells that it is working again.
+const RECOVERED_AFTER: Duration = Duration::from_secs(10);
+
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(250);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(4);
+
+/// The backoff of a failing watch: from 250 ms doubling up to 4 s, each wait drawn between half
+/// and all of its step. After an API server restart the watches resume within 5 s (kube's
+/// default backoff grows to 30 s, so a restart could cost a sidecar's discovery half a minute),
+/// and the jitter keeps a fleet of sidecars from reconnecting in step. Reset (by kube's
+/// `ResetTimerBackoff`) only after a minute without errors, so that a watch that connects and
+/// fails at once is not retried at the shortest step forever.
+struct WatchBackoff {
+    step: Duration,
+}
+
+impl WatchBackoff {
+    fn new() -> kube::runtime::utils::ResetTimerBackoff<WatchBackoff> {
+        kube::runtime::utils::ResetTimerBackoff::new(
+            WatchBackoff {
+                step: WATCH_BACKOFF_MIN,
+            },
+            Duration::from_secs(60),
+        )
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let step = self.step;
+        self.step = (step * 2).min(WATCH_BACKOFF_MAX);
+        Some(step.mul_f64(0.5 + fastrand::f64() * 0.5))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.step = WATCH_BACKOFF_MIN;
+    }
+}
 
 impl WatchHealth {
     /// Forgets failures not repeated within [`RECOVERED_AFTER`]; returns the watches that
@@ -402,7 +442,7 @@ impl KubeResolver {
         let mut guard = Some(guard);
         let api: Api<Service> = Api::all(self.client.clone());
         let mut stream = watcher(api, watcher::Config::default())
-            .default_backoff()
+            .backoff(WatchBackoff::new())
             .boxed();
         let mut buffer: Option<HashMap<ServiceName, ServiceInfo>> = None;
         while let Some(ev) = stream.next().await {
@@ -472,7 +512,7 @@ impl KubeResolver {
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &target.name.namespace);
         let cfg = watcher::Config::default()
             .labels(&format!("kubernetes.io/service-name={}", target.name.name));
-        let mut stream = watcher(api, cfg).default_backoff().boxed();
+        let mut stream = watcher(api, cfg).backoff(WatchBackoff::new()).boxed();
         let mut slices: HashMap<String, EndpointSlice> = HashMap::new();
         let mut buffer: Option<HashMap<String, EndpointSlice>> = None;
         let mut current: HashSet<SocketAddr> = HashSet::new();
@@ -621,6 +661,34 @@ impl Resolve for Arc<KubeResolver> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn watch_backoff_stays_under_five_seconds_and_is_jittered() {
+        use kube::runtime::utils::Backoff as _;
+        let mut b = super::WatchBackoff {
+            step: super::WATCH_BACKOFF_MIN,
+        };
+        let waits: Vec<_> = (&mut b).take(12).collect();
+        assert!(
+            waits.iter().all(|w| *w <= super::WATCH_BACKOFF_MAX),
+            "{waits:?}"
+        );
+        assert!(
+            waits[0] >= std::time::Duration::from_millis(125),
+            "{waits:?}"
+        );
+        // From the fifth try on, between 2 and 4 s.
+        assert!(
+            waits[5..]
+                .iter()
+                .all(|w| *w >= std::time::Duration::from_secs(2)),
+            "{waits:?}"
+        );
+        // Not all the same: jittered.
+        assert!(waits[5..].windows(2).any(|w| w[0] != w[1]), "{waits:?}");
+        b.reset();
+        assert!(b.next().unwrap() <= std::time::Duration::from_millis(250));
+    }
+
     use super::*;
     use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
