@@ -215,7 +215,9 @@ impl PolicySpec {
     }
 }
 
-/// `meshlet.dev/` annotations that belong to pods and namespaces, not to policies.
+/// `meshlet.dev/` annotations that belong to pods and namespaces, not to policies. Every
+/// annotation the injector or the sidecar reads is here or a policy key (a unit test reads
+/// their sources to keep it so).
 const POD_KEYS: &[&str] = &[
     "inject",
     "injected",
@@ -228,7 +230,11 @@ const POD_KEYS: &[&str] = &[
     "skip-outbound-cidrs",
     "proxy-cpu",
     "proxy-memory",
+    "proxy-cpu-limit",
+    "proxy-memory-limit",
     "log-level",
+    "opaque-ports",
+    "inbound-to-loopback",
     "concurrency-limit",
     "rate-limit",
     "rate-limit-burst",
@@ -423,6 +429,30 @@ impl FromStr for ByteSize {
 
 #[cfg(test)]
 mod tests {
+    /// The keys the injector and the sidecar read, from their sources (tests excluded).
+    #[test]
+    fn every_meshlet_annotation_read_anywhere_is_known() {
+        let sources = [
+            include_str!("inject/patch.rs"),
+            include_str!("inject/server.rs"),
+            include_str!("pod.rs"),
+            include_str!("main.rs"),
+        ];
+        let mut seen = 0;
+        for src in sources {
+            let code = src.split("#[cfg(test)]").next().unwrap_or(src);
+            for rest in code.split("\"meshlet.dev/").skip(1) {
+                let key = rest.split('"').next().unwrap_or("");
+                seen += 1;
+                assert!(
+                    POD_KEYS.contains(&key) || KEYS.iter().any(|k| k.0 == key),
+                    "meshlet.dev/{key} is read but is neither in POD_KEYS nor a policy key"
+                );
+            }
+        }
+        assert!(seen > 10, "{seen}");
+    }
+
     use super::*;
 
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
