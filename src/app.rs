@@ -208,16 +208,17 @@ impl App {
         );
         // Services named up front are resolved at startup, so readiness waits for them.
         for s in &self.config.discovery.static_services {
-            proxy.service(&s.service.clone().into());
+            proxy.pinned_service(&s.service.clone().into());
         }
         for u in &self.config.upstreams {
-            proxy.service(&u.service);
+            proxy.pinned_service(&u.service);
         }
         // Declared dependencies are watched from the start, used or not.
         for d in self.config.health.declared() {
-            proxy.service(&d.into());
+            proxy.pinned_service(&d.into());
         }
         let admin_stop = CancellationToken::new();
+        tokio::spawn(proxy.clone().evict_loop(admin_stop.clone()));
         let dependencies = crate::health::model::start(
             crate::health::model::Settings::from_config(&self.config.health),
             proxy.clone(),

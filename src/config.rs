@@ -283,6 +283,9 @@ pub struct DiscoveryConfig {
     pub kubernetes: Option<KubernetesConfig>,
     /// How long a request to a service seen for the first time waits for its endpoints.
     pub sync_timeout: Dur,
+    /// A destination service not used for this long (no connection asked for it, none open)
+    /// is dropped with its discovery watch.
+    pub evict_after: Dur,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -299,6 +302,7 @@ impl Default for DiscoveryConfig {
             static_services: Vec::new(),
             kubernetes: None,
             sync_timeout: Dur(Duration::from_secs(5)),
+            evict_after: Dur(Duration::from_secs(600)),
         }
     }
 }
@@ -538,6 +542,7 @@ pub const WORKERS: Ranged = ranged(
     },
 );
 pub const SYNC_TIMEOUT: Ranged = ranged("discovery.sync_timeout", ANY_DURATION);
+pub const EVICT_AFTER: Ranged = ranged("discovery.evict_after", POSITIVE_DURATION);
 pub const DETECT_TIMEOUT: Ranged = ranged("detect.timeout", POSITIVE_DURATION);
 pub const HTTP_MAX_HEADER_BYTES: Ranged = ranged(
     "http.max_header_bytes",
@@ -616,6 +621,7 @@ pub const RANGED: &[Ranged] = &[
     SHUTDOWN_GRACE,
     WORKERS,
     SYNC_TIMEOUT,
+    EVICT_AFTER,
     DETECT_TIMEOUT,
     HTTP_MAX_HEADER_BYTES,
     HTTP_HEADER_TIMEOUT,
@@ -1041,6 +1047,7 @@ impl Config {
         }
         SHUTDOWN_GRACE.check(&self.shutdown_grace)?;
         SYNC_TIMEOUT.check(&self.discovery.sync_timeout)?;
+        EVICT_AFTER.check(&self.discovery.evict_after)?;
         DETECT_TIMEOUT.check(&self.detect.timeout)?;
         HTTP_MAX_HEADER_BYTES.check(&self.http.max_header_bytes)?;
         HTTP_HEADER_TIMEOUT.check(&self.http.header_timeout)?;

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub tcp_bytes: IntCounterVec,
     /// Endpoints known per service.
     pub endpoints: IntGaugeVec,
+    /// Destination services held (each with its discovery watch).
+    pub destinations: prometheus::IntGauge,
     /// Requests or connections refused because a service had no endpoints.
     pub no_endpoints: IntCounterVec,
     /// Connections refused because their original destination was meshlet itself.
@@ -156,6 +158,16 @@ impl Metrics {
                 "Endpoints known per destination service",
                 &["service"],
             ),
+            destinations: {
+                let g = prometheus::IntGauge::new(
+                    "meshlet_destinations",
+                    "Destination services held, each with its discovery watch (unused ones are \
+                     dropped after discovery.evict_after)",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             no_endpoints: counter(
                 &r,
                 "meshlet_no_endpoints_total",

@@ -522,6 +522,8 @@ impl KubeResolver {
         services_changed.mark_changed();
         loop {
             let ev = tokio::select! {
+                // The destination was dropped (see `Proxy::evict_unused`): so is its watch.
+                _ = tx.closed() => return,
                 ev = stream.next() => match ev {
                     Some(ev) => ev,
                     None => return,

@@ -189,6 +189,19 @@ impl Target {
         }
     }
 
+    /// Removes the series this target created and its endpoints' (it is being dropped). The
+    /// per-status request counters of a service that was used stay: they are history.
+    fn forget_series(&self) {
+        let labels = [self.direction.as_str(), &*self.service];
+        let m = &self.metrics;
+        let _ = m.response_duration.remove_label_values(&labels);
+        let _ = m.timeouts.remove_label_values(&labels);
+        let _ = m.idle_timeouts.remove_label_values(&labels);
+        if let Route::Balanced(b) = &self.route {
+            b.forget_all_series();
+        }
+    }
+
     /// The policy and what it calls for, rebuilt when the policy changed.
     pub fn resilience(&self) -> Arc<Resilience> {
         let policy = self.route.policy();
@@ -257,7 +270,9 @@ pub struct Proxy {
     http: edge::Settings,
     /// `detect.opaque_ports` and `detect.server_first_ports` (see [`Proxy::declared_protocol`]).
     opaque_ports: crate::discovery::PortSet,
-    outbound: Mutex<HashMap<ServiceRef, Arc<Target>>>,
+    outbound: Mutex<HashMap<ServiceRef, Held>>,
+    /// `discovery.evict_after`: a destination unused this long is dropped with its watch.
+    evict_after: Duration,
     /// Inbound targets by delivery address: the original destination (`inbound.app_host:
     /// original_dst`, the default), else `app_host:<original port>`.
     inbound: Mutex<HashMap<SocketAddr, Arc<Target>>>,
@@ -274,6 +289,19 @@ pub struct Proxy {
     pub drain: CancellationToken,
     /// HTTP/2 client connections: stream limits, the abuse guard, GOAWAY at the grace's end.
     pub h2: Arc<h2_guard::Limits>,
+}
+
+/// A destination service the proxy holds: its target, and what eviction needs to know.
+struct Held {
+    target: Arc<Target>,
+    /// The last time a connection asked for it.
+    last_used: std::time::Instant,
+    /// Named in the config (static services, upstream listeners, declared dependencies): kept
+    /// for the proxy's lifetime.
+    pinned: bool,
+    /// The task applying discovery's updates: aborting it drops the update stream, which ends
+    /// the discovery watch.
+    follow: tokio::task::AbortHandle,
 }
 
 /// Which listener accepted a connection.
@@ -350,6 +378,7 @@ impl Proxy {
             http,
             opaque_ports: declared::opaque_ports(config),
             outbound: Mutex::new(HashMap::new()),
+            evict_after: config.discovery.evict_after.0,
             inbound: Mutex::new(HashMap::new()),
             passthrough,
             limits,
@@ -368,9 +397,20 @@ impl Proxy {
 
     /// The target for a destination service, created (and its discovery started) on first use.
     pub fn service(&self, name: &ServiceRef) -> Arc<Target> {
+        self.hold(name, false)
+    }
+
+    /// The target for a service named in the config: never evicted.
+    pub fn pinned_service(&self, name: &ServiceRef) -> Arc<Target> {
+        self.hold(name, true)
+    }
+
+    fn hold(&self, name: &ServiceRef, pin: bool) -> Arc<Target> {
         let mut map = lock(&self.outbound);
-        if let Some(t) = map.get(name) {
-            return t.clone();
+        if let Some(h) = map.get_mut(name) {
+            h.last_used = std::time::Instant::now();
+            h.pinned |= pin;
+            return h.target.clone();
         }
         let label: Arc<str> = name.to_string().into();
         let balancer = Balancer::new(
@@ -381,7 +421,7 @@ impl Proxy {
         );
         let ready = self.readiness.register(format!("discovery of {name}"));
         let updates = self.resolver.resolve(name);
-        tokio::spawn(balancer.clone().follow(updates, ready));
+        let follow = tokio::spawn(balancer.clone().follow(updates, ready)).abort_handle();
         let t = Arc::new(Target::new(
             Direction::Outbound,
             label,
@@ -391,15 +431,59 @@ impl Proxy {
             None,
             self.http.stream_idle_timeout,
         ));
-        map.insert(name.clone(), t.clone());
+        map.insert(
+            name.clone(),
+            Held {
+                target: t.clone(),
+                last_used: std::time::Instant::now(),
+                pinned: pin,
+                follow,
+            },
+        );
+        self.metrics.destinations.set(map.len() as i64);
         t
+    }
+
+    /// Drops the destinations nobody has asked for in `discovery.evict_after` and nobody holds
+    /// (no open connection, no request in flight), with their discovery watches and endpoint
+    /// metric series: a sidecar that once touched many services keeps the memory and the
+    /// watches of the ones it still uses. Returns how many were dropped.
+    pub fn evict_unused(&self, now: std::time::Instant) -> usize {
+        let mut map = lock(&self.outbound);
+        let before = map.len();
+        map.retain(|name, h| {
+            let idle = now.saturating_duration_since(h.last_used);
+            let keep = h.pinned || idle < self.evict_after || Arc::strong_count(&h.target) > 1;
+            if !keep {
+                tracing::debug!(service = %name, ?idle, "destination unused: dropped with its watch");
+                h.follow.abort();
+                h.target.forget_series();
+            }
+            keep
+        });
+        self.metrics.destinations.set(map.len() as i64);
+        before - map.len()
+    }
+
+    /// Runs [`Proxy::evict_unused`] every quarter of `discovery.evict_after` (at most every
+    /// minute) until `stop`.
+    pub async fn evict_loop(self: Arc<Self>, stop: CancellationToken) {
+        let every =
+            (self.evict_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            self.evict_unused(std::time::Instant::now());
+        }
     }
 
     /// Every destination service in use (the outbound targets), for the health model.
     pub fn outbound_targets(&self) -> Vec<(ServiceRef, Arc<Target>)> {
         lock(&self.outbound)
             .iter()
-            .map(|(k, t)| (k.clone(), t.clone()))
+            .map(|(k, h)| (k.clone(), h.target.clone()))
             .collect()
     }
 
@@ -411,7 +495,10 @@ impl Proxy {
     /// Every destination service in use and its endpoints' state, for the admin server's
     /// `/endpoints`.
     pub fn endpoints_report(&self) -> serde_json::Value {
-        let targets: Vec<Arc<Target>> = lock(&self.outbound).values().cloned().collect();
+        let targets: Vec<Arc<Target>> = lock(&self.outbound)
+            .values()
+            .map(|h| h.target.clone())
+            .collect();
         let mut services: Vec<serde_json::Value> = targets
             .iter()
             .filter_map(|t| match &t.route {
@@ -1147,5 +1234,66 @@ mod tests {
             assert!(is_own_address("::1".parse().unwrap()));
             assert!(!is_own_address("2001:db8::1".parse().unwrap()));
         }
+    }
+}
+
+#[cfg(test)]
+mod eviction_tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::discovery::Chain;
+    use crate::discovery::static_list::StaticResolver;
+
+    #[tokio::test]
+    async fn unused_destinations_are_dropped_with_their_watch() {
+        let config = Config::parse(
+            "c.yaml",
+            "discovery:\n  evict_after: 10m\n  static:\n    - service: kept.prod\n      \
+             endpoints: [\"127.0.0.1:1\"]\n    - service: a.prod\n      endpoints: \
+             [\"127.0.0.1:2\"]\n    - service: b.prod\n      endpoints: [\"127.0.0.1:3\"]\n",
+        )
+        .unwrap();
+        let resolver = Arc::new(Chain {
+            first: StaticResolver::new(&config.discovery.static_services),
+            then: None,
+        });
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let p = Proxy::new(
+            &config,
+            resolver,
+            metrics.clone(),
+            Default::default(),
+            Default::default(),
+            Vec::new(),
+        );
+        let name = |s: &str| ServiceRef::parse(s).unwrap();
+        p.pinned_service(&name("kept.prod"));
+        let a = p.service(&name("a.prod"));
+        drop(p.service(&name("b.prod")));
+        assert_eq!(metrics.destinations.get(), 3);
+        let t0 = Instant::now();
+        // Used recently: nothing goes.
+        assert_eq!(p.evict_unused(t0), 0);
+        // Ten minutes on: b.prod goes; a.prod stays while held (an open connection), and
+        // kept.prod, named in the config, always.
+        let later = t0 + Duration::from_secs(601);
+        assert_eq!(p.evict_unused(later), 1);
+        let left: HashSet<String> = p
+            .outbound_targets()
+            .into_iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        assert_eq!(left, HashSet::from(["kept.prod".into(), "a.prod".into()]));
+        assert_eq!(metrics.destinations.get(), 2);
+        assert!(!metrics.render().contains("service=\"b.prod\""));
+        drop(a);
+        assert_eq!(p.evict_unused(later), 1);
+        assert_eq!(metrics.destinations.get(), 1);
+        // A dropped destination asked for again starts afresh.
+        let b = p.service(&name("b.prod"));
+        b.route.wait_synced().await;
+        assert_eq!(b.route.len(), 1);
     }
 }
