@@ -72,16 +72,9 @@ impl Admin {
     /// listeners, so that `/ready` can report the shutdown while connections finish.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
         loop {
-            let (stream, peer) = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(error) => {
-                        tracing::warn!(%error, "admin accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                        continue;
-                    }
-                },
+            let Some((stream, peer)) = crate::socket::accept(&listener, &stop, "admin").await
+            else {
+                return;
             };
             // An IPv4 client of a dual-stack `[::]` listener as the IPv4 address it is (so
             // that 127.0.0.1 is loopback).

@@ -107,6 +107,28 @@ pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// The next connection on `listener`, or `None` once `stop` is cancelled: the one accept loop
+/// of every server (proxy listeners, admin, gRPC health, the injector). A failed accept (out of
+/// file descriptors and the like) is logged and retried after a short pause, not spun on.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    stop: &tokio_util::sync::CancellationToken,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(c) => return Some(c),
+                Err(error) => {
+                    tracing::warn!(listener = what, %error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

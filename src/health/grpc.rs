@@ -75,16 +75,8 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationT
     })
     .max_decoding_message_size(MAX_REQUEST);
     loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(error) => {
-                    tracing::warn!(%error, "gRPC health accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+        let Some((stream, _)) = crate::socket::accept(&listener, &stop, "grpc health").await else {
+            return;
         };
         let _ = stream.set_nodelay(true);
         let (svc, stop) = (TowerToHyperService::new(health.clone()), stop.clone());

@@ -443,21 +443,11 @@ pub async fn serve(
     // exits: a review cut short is a pod created unmeshed.
     let connections = tokio_util::task::TaskTracker::new();
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => {
-                connections.close();
-                let _ = tokio::time::timeout(IO_TIMEOUT, connections.wait()).await;
-                return;
-            }
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and the like: back off rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = crate::socket::accept(&listener, &shutdown, "webhook").await
+        else {
+            connections.close();
+            let _ = tokio::time::timeout(IO_TIMEOUT, connections.wait()).await;
+            return;
         };
         let acceptor = acceptor.clone();
         let webhook = webhook.clone();

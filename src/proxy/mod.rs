@@ -629,17 +629,10 @@ impl Proxy {
         let mut warned: Option<std::time::Instant> = None;
         let mut refused_since_warning = 0u64;
         loop {
-            let (stream, peer) = tokio::select! {
-                _ = self.drain.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(listener = %local, %error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                },
+            let Some((stream, peer)) =
+                crate::socket::accept(&listener, &self.drain, direction.as_str()).await
+            else {
+                return;
             };
             let Some(permit) = cap.try_acquire() else {
                 refused.inc();
