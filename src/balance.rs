@@ -15,17 +15,18 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use parking_lot::{Mutex, RwLock};
 use prometheus::IntGauge;
 
 use crate::breaker::{self, Admission, Breaker, Transition};
 use crate::discovery::{Change, Update, UpdateStream};
 use crate::proxy::client::Pool;
-use crate::readiness::{Guard, lock};
+use crate::readiness::Guard;
 
 /// Knobs shared by a service's endpoints.
 #[derive(Debug, Clone, Copy)]
@@ -97,7 +98,7 @@ impl Drop for InFlight {
         }
         let now = Instant::now();
         let sample = now.saturating_duration_since(self.start).as_nanos() as f64;
-        let mut rtt = lock(&self.ep.rtt);
+        let mut rtt = self.ep.rtt.lock();
         rtt.observe(sample, now, self.ep.decay_ns);
     }
 }
@@ -161,10 +162,7 @@ impl Endpoint {
     }
 
     pub fn breaker(&self) -> Arc<Breaker> {
-        self.breaker
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.breaker.read().clone()
     }
 
     fn is_ejected(&self, now: Instant) -> bool {
@@ -202,7 +200,7 @@ impl Endpoint {
 
     /// The decayed latency estimate, and whether it comes from real answers.
     fn estimate(&self) -> (f64, bool) {
-        let mut rtt = lock(&self.rtt);
+        let mut rtt = self.rtt.lock();
         (rtt.decayed(Instant::now(), self.decay_ns), rtt.sampled)
     }
 
@@ -323,15 +321,12 @@ impl Balancer {
 
     /// The destination's current policy.
     pub fn policy(&self) -> Arc<crate::policy::Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.policy.read().clone()
     }
 
     fn set_policy(&self, own: &crate::policy::PolicySpec) {
         let policy = self.defaults.overlay(own).resolve();
-        let mut slot = self.policy.write().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.policy.write();
         if **slot == policy {
             return;
         }
@@ -343,18 +338,9 @@ impl Balancer {
         if format!("{old:?}") != format!("{new:?}") {
             // New breaker settings start every endpoint's breaker afresh.
             let new = Arc::new(new);
-            *self
-                .breaker_settings
-                .write()
-                .unwrap_or_else(|e| e.into_inner()) = new.clone();
-            for ep in self
-                .endpoints
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-            {
-                *ep.breaker.write().unwrap_or_else(|e| e.into_inner()) =
-                    Arc::new(Breaker::new(new.clone()));
+            *self.breaker_settings.write() = new.clone();
+            for ep in self.endpoints.read().iter() {
+                *ep.breaker.write() = Arc::new(Breaker::new(new.clone()));
                 ep.suppressed.store(false, Ordering::Release);
             }
         }
@@ -364,7 +350,7 @@ impl Balancer {
     /// endpoints are ejected, or when every other endpoint is failing too (then all are out and
     /// requests fail fast instead of waiting on failing endpoints).
     fn may_eject(&self, ep: &Endpoint, now: Instant) -> bool {
-        let list = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        let list = self.endpoints.read();
         let n = list.len();
         let share = self.policy().breaker_max_ejected.0;
         let cap = (share * n as f64).floor() as usize;
@@ -375,7 +361,7 @@ impl Balancer {
 
     /// The median of the other endpoints' latencies (for the latency mode).
     fn peer_median_latency(&self, ep: &Endpoint) -> Option<Duration> {
-        let list = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        let list = self.endpoints.read();
         let mut l: Vec<Duration> = list
             .iter()
             .filter(|e| e.addr != ep.addr)
@@ -448,7 +434,7 @@ impl Balancer {
     }
 
     pub fn apply(&self, change: Change) {
-        let mut guard = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.endpoints.write();
         let mut list: Vec<Arc<Endpoint>> = guard.iter().cloned().collect();
         match change {
             Change::Insert(addr, ()) => {
@@ -456,11 +442,7 @@ impl Balancer {
                     return;
                 }
                 tracing::debug!(service = %self.service, endpoint = %addr, "endpoint added");
-                let b = self
-                    .breaker_settings
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
+                let b = self.breaker_settings.read().clone();
                 list.push(Endpoint::with_breaker(addr, self.settings, b));
             }
             Change::Remove(addr) => {
@@ -489,11 +471,7 @@ impl Balancer {
     /// Removes the series of the service and of all its endpoints (the destination is being
     /// dropped).
     pub fn forget_all_series(&self) {
-        let list = self
-            .endpoints
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let list = self.endpoints.read().clone();
         for e in list.iter() {
             self.forget_series(e.addr);
         }
@@ -508,7 +486,7 @@ impl Balancer {
     /// `(endpoints, ejected by the breaker now)`.
     pub fn ejection_counts(&self) -> (usize, usize) {
         let now = Instant::now();
-        let list = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        let list = self.endpoints.read();
         let ejected = list
             .iter()
             .filter(|e| e.breaker().state(now) != breaker::State::Closed)
@@ -517,10 +495,7 @@ impl Balancer {
     }
 
     pub fn len(&self) -> usize {
-        self.endpoints
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.endpoints.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -529,7 +504,7 @@ impl Balancer {
 
     /// The endpoints by address (for tests and the admin server).
     pub fn endpoints(&self) -> HashMap<SocketAddr, Arc<Endpoint>> {
-        let list = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        let list = self.endpoints.read();
         list.iter().map(|e| (e.addr, e.clone())).collect()
     }
 
@@ -537,7 +512,7 @@ impl Balancer {
     /// that are not backing off after a failed connect. `None` when no endpoint is left.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {
         let now = Instant::now();
-        let list = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        let list = self.endpoints.read();
         let n = list.len();
         // Ejected endpoints are never picked; their one probe goes out once the backoff is
         // over, when `is_ejected` turns false and `admit` hands out the probe.
@@ -699,7 +674,7 @@ mod tests {
         // The slow endpoint has been seen at 50 ms, the others at 1 ms.
         for (addr, ep) in &eps {
             let ms = if *addr == slow { 50 } else { 1 };
-            let mut r = lock(&ep.rtt);
+            let mut r = ep.rtt.lock();
             r.ns = Duration::from_millis(ms).as_nanos() as f64;
             r.sampled = true;
         }
@@ -714,7 +689,7 @@ mod tests {
         let b = balancer(1);
         let warm = b.pick(&[]).unwrap();
         {
-            let mut r = lock(&warm.rtt);
+            let mut r = warm.rtt.lock();
             r.ns = Duration::from_micros(300).as_nanos() as f64;
             r.sampled = true;
         }

@@ -13,8 +13,10 @@
 //! share, the peers' median latency) are decided by the balancer and passed in.
 
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 /// Which detector ejects an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,12 +169,6 @@ impl Breaker {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic elsewhere while holding the lock leaves counters, not broken invariants:
-        // carry on with them rather than poison every request to this endpoint.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Closed: send. Open and the backoff not over: Ejected. Backoff over and no probe in
     /// flight: Probe (exactly one caller gets it; the breaker is HalfOpen until that probe's
     /// outcome is recorded); while the probe is in flight: Ejected.
@@ -184,7 +180,7 @@ impl Breaker {
         if self.settings.mode == Mode::Off {
             return Admission::Closed;
         }
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         match inner.phase {
             Phase::Closed => Admission::Closed,
             Phase::Open { since, backoff } if !elapsed(since, now, backoff) => Admission::Ejected,
@@ -203,7 +199,7 @@ impl Breaker {
         if self.settings.mode == Mode::Off {
             return false;
         }
-        match self.lock().phase {
+        match self.inner.lock().phase {
             Phase::Closed => false,
             Phase::Open { since, backoff } => !elapsed(since, now, backoff),
             Phase::Probing { since } => !elapsed(since, now, self.probe_lease()),
@@ -237,7 +233,7 @@ impl Breaker {
         if s.mode == Mode::Off {
             return None;
         }
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         match inner.phase {
             Phase::Open { .. } => None,
             Phase::Probing { .. } if !probe => None,
@@ -281,7 +277,7 @@ impl Breaker {
     /// ended): the endpoint is due a probe again at once, rather than when the probe lease (see
     /// [`Breaker::admit`]) runs out. A probe that has already been judged is left alone.
     pub fn release_probe(&self, now: Instant) {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         if let Phase::Probing { .. } = inner.phase {
             inner.phase = Phase::Open {
                 since: now,
@@ -294,7 +290,7 @@ impl Breaker {
         if self.settings.mode == Mode::Off {
             return State::Closed;
         }
-        match self.lock().phase {
+        match self.inner.lock().phase {
             Phase::Closed => State::Closed,
             Phase::Open { since, backoff } if !elapsed(since, now, backoff) => State::Open,
             Phase::Open { .. } | Phase::Probing { .. } => State::HalfOpen,
@@ -308,7 +304,7 @@ impl Breaker {
         if self.settings.mode == Mode::Off {
             return None;
         }
-        self.lock().window.stats().mean_latency()
+        self.inner.lock().window.stats().mean_latency()
     }
 
     /// How long a handed-out probe may go unrecorded before it counts as lost.

@@ -25,9 +25,11 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
@@ -260,7 +262,7 @@ impl Dedup {
 
     /// Flights in progress now (keys with a leader's request in flight).
     pub fn in_flight(&self) -> usize {
-        self.inner.lock().len()
+        self.inner.flights.lock().len()
     }
 
     /// Sends the request upstream once for all identical requests in flight at the same time.
@@ -310,7 +312,7 @@ impl Dedup {
     }
 
     fn join(&self, key: Key) -> Role {
-        let mut flights = self.inner.lock();
+        let mut flights = self.inner.flights.lock();
         match flights.entry(key) {
             Entry::Occupied(mut e) => {
                 let f = e.get_mut();
@@ -330,12 +332,6 @@ impl Dedup {
                 Role::Leader(key, tx)
             }
         }
-    }
-}
-
-impl Inner {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Flight>> {
-        self.flights.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -380,7 +376,7 @@ impl Publish {
     /// flight: nobody joins a flight that will never answer.
     fn close(&mut self, outcome: Outcome) {
         if let Some(tx) = self.tx.take() {
-            self.inner.lock().remove(&self.key);
+            self.inner.flights.lock().remove(&self.key);
             tx.send_replace(outcome);
         }
     }

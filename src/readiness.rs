@@ -3,7 +3,9 @@
 //! what still is otherwise.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 #[derive(Clone, Default)]
 pub struct Readiness {
@@ -20,7 +22,7 @@ pub struct Guard {
 impl Readiness {
     pub fn register(&self, what: impl Into<String>) -> Guard {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        lock(&self.pending).insert(id, what.into());
+        self.pending.lock().insert(id, what.into());
         Guard {
             id,
             pending: self.pending.clone(),
@@ -29,24 +31,18 @@ impl Readiness {
 
     /// What is still pending; empty when ready.
     pub fn pending(&self) -> Vec<String> {
-        lock(&self.pending).values().cloned().collect()
+        self.pending.lock().values().cloned().collect()
     }
 
     pub fn is_ready(&self) -> bool {
-        lock(&self.pending).is_empty()
+        self.pending.lock().is_empty()
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        lock(&self.pending).remove(&self.id);
+        self.pending.lock().remove(&self.id);
     }
-}
-
-/// Locks a mutex, recovering the data if another thread panicked while holding it: the
-/// values guarded here stay consistent at every await-free step.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -10,13 +10,13 @@ use std::fmt;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::str::FromStr;
-use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use parking_lot::Mutex;
 
 use crate::proxy::body::Body;
 
@@ -305,7 +305,7 @@ impl RetryBudget {
 
     /// Records a request (an original one, not a retry).
     pub fn deposit(&self, now: Instant) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let b = st.current(now);
         b.deposited = b.deposited.saturating_add(self.deposit);
     }
@@ -314,7 +314,7 @@ impl RetryBudget {
     /// first, then from the deposits. `false` means the retry must not be made.
     pub fn try_withdraw(&self, now: Instant) -> bool {
         let min_per_sec = self.min_per_sec;
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let cur = st.current(now);
         if cur.free < min_per_sec {
             cur.free += 1;
@@ -330,11 +330,6 @@ impl RetryBudget {
         let cur = st.current(now);
         cur.paid = cur.paid.saturating_add(1);
         true
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
-        // The state is a set of counters, consistent after any panic: keep using it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

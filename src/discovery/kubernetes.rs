@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -26,13 +26,14 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, watch};
 
 use super::{Change, DeclaredProtocol, Resolve, ServiceRef, Update, UpdateStream};
 use crate::config::ServiceName;
 use crate::metrics::Metrics;
 use crate::policy::{AnnotationError, PolicySpec};
-use crate::readiness::{Readiness, lock};
+use crate::readiness::Readiness;
 
 /// What routing needs of a Service.
 #[derive(Debug, Clone, PartialEq)]
@@ -378,7 +379,7 @@ impl KubeResolver {
     }
 
     fn mark(&self, watch: &str, error: Option<String>) {
-        let mut h = lock(&self.health);
+        let mut h = self.health.lock();
         let stale = self.metrics.discovery_stale.with_label_values(&[watch]);
         match error {
             Some(e) => {
@@ -410,8 +411,8 @@ impl KubeResolver {
     }
 
     /// The failing watches, after forgetting those that recovered quietly.
-    fn health(&self) -> std::sync::MutexGuard<'_, WatchHealth> {
-        let mut h = lock(&self.health);
+    fn health(&self) -> parking_lot::MutexGuard<'_, WatchHealth> {
+        let mut h = self.health.lock();
         for w in h.expire() {
             tracing::info!(watch = %w, "watch recovered (no error for {RECOVERED_AFTER:?})");
             self.metrics.discovery_stale.with_label_values(&[&w]).set(0);
@@ -458,7 +459,7 @@ impl KubeResolver {
                 Ok(watcher::Event::InitDone) => {
                     let services = buffer.take().unwrap_or_default();
                     tracing::debug!(services = services.len(), "services listed");
-                    let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
+                    let mut idx = self.index.write();
                     for (n, i) in &services {
                         Index::report(&self.metrics, n, idx.services.get(n), i);
                     }
@@ -471,7 +472,7 @@ impl KubeResolver {
                 }
                 Ok(watcher::Event::Apply(s)) => {
                     if let Some((n, i)) = ServiceInfo::from_service(&s) {
-                        let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
+                        let mut idx = self.index.write();
                         Index::report(&self.metrics, &n, idx.services.get(&n), &i);
                         idx.upsert(n, i);
                         drop(idx);
@@ -481,7 +482,7 @@ impl KubeResolver {
                 }
                 Ok(watcher::Event::Delete(s)) => {
                     if let Some((n, _)) = ServiceInfo::from_service(&s) {
-                        let mut idx = self.index.write().unwrap_or_else(|e| e.into_inner());
+                        let mut idx = self.index.write();
                         idx.remove(&n);
                         drop(idx);
                         self.services_changed.send_modify(|g| *g += 1);
@@ -497,7 +498,7 @@ impl KubeResolver {
     }
 
     fn service_info(&self, name: &ServiceName) -> Option<ServiceInfo> {
-        let idx = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let idx = self.index.read();
         idx.services.get(name).cloned()
     }
 
@@ -620,7 +621,7 @@ impl KubeResolver {
 
 impl Resolve for Arc<KubeResolver> {
     fn lookup(&self, dst: SocketAddr) -> Option<ServiceRef> {
-        let idx = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let idx = self.index.read();
         idx.by_vip.get(&dst).map(|(name, port)| ServiceRef {
             name: name.clone(),
             port: Some(*port),
@@ -630,7 +631,7 @@ impl Resolve for Arc<KubeResolver> {
     /// One read of the index (the lock `lookup` takes; writers hold it only to apply a Service
     /// change) and a hash lookup; no allocation.
     fn protocol(&self, service: &ServiceRef) -> Option<DeclaredProtocol> {
-        let idx = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let idx = self.index.read();
         idx.protocol(service)
     }
 

@@ -3,13 +3,11 @@
 //! mutex-protected update with no allocation (the last error is kept as a cheap clone of the
 //! error header meshlet already built).
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
-
-use crate::readiness::lock;
+use parking_lot::Mutex;
 
 /// One-second buckets in the window.
 pub const SECONDS: usize = 10;
@@ -190,7 +188,7 @@ impl Window {
         let second = now.saturating_duration_since(self.epoch).as_secs();
         let failed = error.is_some() || a.failed;
         self.mark_used();
-        let mut inner = lock(&self.inner);
+        let mut inner = self.inner.lock();
         let b = &mut inner.buckets[(second % SECONDS as u64) as usize];
         if b.second != second {
             *b = EMPTY;
@@ -218,7 +216,7 @@ impl Window {
     pub fn stats(&self) -> Stats {
         let now = Instant::now();
         let second = now.saturating_duration_since(self.epoch).as_secs();
-        let inner = lock(&self.inner);
+        let inner = self.inner.lock();
         let mut s = Stats {
             latency: vec![0; CLASSES],
             ..Stats::default()

@@ -18,8 +18,8 @@ use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -29,6 +29,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -102,11 +103,11 @@ pub struct Metrics {
 
 impl Metrics {
     fn skip(&self, reason: &str) {
-        *lock(&self.skipped).entry(reason.to_string()).or_default() += 1;
+        *self.skipped.lock().entry(reason.to_string()).or_default() += 1;
     }
 
     fn error(&self, kind: &'static str) {
-        *lock(&self.errors).entry(kind).or_default() += 1;
+        *self.errors.lock().entry(kind).or_default() += 1;
     }
 
     /// Prometheus text format.
@@ -121,20 +122,16 @@ impl Metrics {
         );
         s += "# HELP meshlet_inject_skipped_total Pods left alone, by reason.\n\
               # TYPE meshlet_inject_skipped_total counter\n";
-        for (reason, n) in lock(&self.skipped).iter() {
+        for (reason, n) in self.skipped.lock().iter() {
             s += &format!("meshlet_inject_skipped_total{{reason={reason:?}}} {n}\n");
         }
         s += "# HELP meshlet_inject_errors_total Requests that could not be handled normally.\n\
               # TYPE meshlet_inject_errors_total counter\n";
-        for (kind, n) in lock(&self.errors).iter() {
+        for (kind, n) in self.errors.lock().iter() {
             s += &format!("meshlet_inject_errors_total{{kind={kind:?}}} {n}\n");
         }
         s
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The admission logic, apart from HTTP and TLS.
@@ -365,7 +362,7 @@ impl CertReloader {
     /// The current pair, re-read first if the files changed.
     pub fn current(&self) -> Arc<CertifiedKey> {
         let now = stamp(&self.cert, &self.key);
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         if now.is_some() && now != state.0 {
             match load(&self.cert, &self.key) {
                 Ok(k) => {

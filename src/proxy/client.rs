@@ -12,16 +12,16 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, Version};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
 use super::body::Body;
-use crate::readiness::lock;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 256;
@@ -82,7 +82,7 @@ impl PoolReturn {
         if self.sender.is_closed() {
             return;
         }
-        let mut idle = lock(&self.pool.idle_h1);
+        let mut idle = self.pool.idle_h1.lock();
         if idle.len() < MAX_IDLE_H1 {
             idle.push((self.sender, Instant::now()));
             drop(idle);
@@ -137,7 +137,7 @@ impl Pool {
     /// any more, and the reaper stops.
     fn reap(&self, now: Instant) -> Option<Duration> {
         let timeout = Duration::from_nanos(self.idle_timeout_ns.load(Ordering::Relaxed));
-        let mut idle = lock(&self.idle_h1);
+        let mut idle = self.idle_h1.lock();
         idle.retain(|(s, since)| !s.is_closed() && now.saturating_duration_since(*since) < timeout);
         match idle.iter().map(|(_, since)| *since).min() {
             Some(oldest) => Some(
@@ -201,7 +201,7 @@ impl Pool {
     /// An idle connection that is ready for a request, dropping closed ones.
     async fn checkout_h1(&self, idle_timeout: Duration) -> Option<http1::SendRequest<Body>> {
         loop {
-            let (mut sender, since) = lock(&self.idle_h1).pop()?;
+            let (mut sender, since) = self.idle_h1.lock().pop()?;
             if since.elapsed() > idle_timeout {
                 // Stale: the server may be about to close it. Dropping closes it.
                 continue;

@@ -73,7 +73,7 @@ pub struct ConnState {
     upgraded: AtomicBool,
     /// The connection's reader, parked while a request was in flight: woken when the last
     /// response ends, so that its idle timer starts.
-    reader: std::sync::Mutex<Option<std::task::Waker>>,
+    reader: parking_lot::Mutex<Option<std::task::Waker>>,
     /// Bytes of a request head are arriving (HTTP/1): the connection is not idle.
     reading_head: AtomicBool,
     /// hyper is being stopped to park the connection: its shutdown must not close the socket.
@@ -90,7 +90,7 @@ impl ConnState {
             busy: AtomicUsize::new(0),
             last_end_ms: AtomicU64::new(0),
             upgraded: AtomicBool::new(false),
-            reader: std::sync::Mutex::new(None),
+            reader: parking_lot::Mutex::new(None),
             reading_head: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             base: std::time::Instant::now(),
@@ -136,7 +136,7 @@ impl Drop for Busy {
         let now = self.0.base.elapsed().as_millis() as u64;
         self.0.last_end_ms.store(now, Ordering::Release);
         if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let waker = crate::readiness::lock(&self.0.reader).take();
+            let waker = self.0.reader.lock().take();
             if let Some(w) = waker {
                 w.wake();
             }
@@ -250,7 +250,7 @@ impl<I: AsyncRead + AsyncWrite> AsyncRead for EdgeIo<I> {
             Poll::Pending => {
                 if matches!(this.phase, Phase::Busy) {
                     if !state.upgraded.load(Ordering::Acquire) {
-                        *crate::readiness::lock(&state.reader) = Some(cx.waker().clone());
+                        *state.reader.lock() = Some(cx.waker().clone());
                         // The request may have ended meanwhile.
                         if state.busy.load(Ordering::Acquire) == 0 {
                             cx.waker().wake_by_ref();

@@ -39,8 +39,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
+use parking_lot::Mutex;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
@@ -58,7 +59,6 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use super::Direction;
 use super::body::{Body, BodyError};
 use crate::config::Http2Config;
-use crate::readiness::lock;
 
 /// How long hyper may take to finish the frame it is writing when we close; a client that
 /// does not read keeps it from finishing, and then the connection is closed without GOAWAY.
@@ -316,7 +316,7 @@ impl ConnState {
         if self.min_streams == 0 {
             return;
         }
-        let mut c = lock(&self.counts);
+        let mut c = self.counts.lock();
         let verdict = count(&mut c, premature, self.min_streams);
         drop(c);
         if verdict {
@@ -439,11 +439,11 @@ where
                 Err(r) => End::Hyper(r),
                 Ok(close) => {
                     // hyper may finish the frame it is writing, and no more.
-                    lock(&self.wire).stopping = true;
+                    self.wire.lock().stopping = true;
                     let finish = tokio::time::sleep(FINISH_FRAME);
                     tokio::pin!(finish);
                     loop {
-                        if lock(&self.wire).out.at_boundary() {
+                        if self.wire.lock().out.at_boundary() {
                             break End::Ours(close);
                         }
                         tokio::select! {
@@ -459,7 +459,7 @@ where
         let Ok(wire) = Arc::try_unwrap(self.wire) else {
             return Ok(());
         };
-        let wire = wire.into_inner().unwrap_or_else(|e| e.into_inner());
+        let wire = wire.into_inner();
         let last = wire.last_stream_id();
         let h2_sent_goaway = wire.h2_goaway.is_some();
         let wrote_any = wire.out.frames > 0;
@@ -915,7 +915,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Wire<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut w = lock(&self.inner);
+        let mut w = self.inner.lock();
         let before = buf.filled().len();
         ready!(Pin::new(&mut w.io).poll_read(cx, buf))?;
         let WireInner {
@@ -940,7 +940,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Wire<I> {
 
 impl<I: AsyncWrite + Unpin> Wire<I> {
     fn poll_write_one(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let mut w = lock(&self.inner);
+        let mut w = self.inner.lock();
         let allowed = w.allowed(buf);
         if allowed == 0 && !buf.is_empty() {
             // At a boundary while stopping: hyper waits here until it is dropped.
@@ -970,7 +970,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Wire<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let stopping = lock(&self.inner).stopping;
+        let stopping = self.inner.lock().stopping;
         if stopping {
             // Rare (once per closing connection): one slice at a time.
             let first = bufs
@@ -979,22 +979,22 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Wire<I> {
                 .map_or(&[][..], |b| &b[..]);
             return self.poll_write_one(cx, first);
         }
-        let mut w = lock(&self.inner);
+        let mut w = self.inner.lock();
         let n = ready!(Pin::new(&mut w.io).poll_write_vectored(cx, bufs))?;
         w.wrote(bufs.iter().map(|b| &b[..]), n);
         Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
-        lock(&self.inner).io.is_write_vectored()
+        self.inner.lock().io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut lock(&self.inner).io).poll_flush(cx)
+        Pin::new(&mut self.inner.lock().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut lock(&self.inner).io).poll_shutdown(cx)
+        Pin::new(&mut self.inner.lock().io).poll_shutdown(cx)
     }
 }
 
@@ -1180,7 +1180,7 @@ mod tests {
         });
         drop(g());
         assert_eq!(
-            *lock(&state.counts),
+            *state.counts.lock(),
             Counts {
                 ended: 3,
                 premature: 2
@@ -1274,7 +1274,7 @@ mod tests {
         );
         assert_eq!(slow.load(Ordering::SeqCst), 100, "dropped unanswered");
         // All three were the client's resets.
-        assert_eq!(lock(&guard.state.counts).premature, 3);
+        assert_eq!(guard.state.counts.lock().premature, 3);
     }
 
     #[tokio::test]
@@ -1285,7 +1285,7 @@ mod tests {
         let a = frame(0x0, 1, &[1; 10]);
         let b = frame(0x0, 3, &[2; 10]);
         wire.write_all(&a[..4]).await.unwrap();
-        lock(&guard.wire).stopping = true;
+        guard.wire.lock().stopping = true;
         // The rest of `a` goes out; `b` is held.
         let both = [&a[4..], &b[..]].concat();
         let n = std::future::poll_fn(|cx| Pin::new(&mut wire).poll_write(cx, &both))
@@ -1297,7 +1297,7 @@ mod tests {
         })
         .await;
         assert!(held);
-        assert!(lock(&guard.wire).out.at_boundary());
+        assert!(guard.wire.lock().out.at_boundary());
         drop((client, wire));
     }
 }

@@ -14,12 +14,13 @@ pub mod tcp;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use prometheus::Histogram;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -32,7 +33,7 @@ use crate::config::{AppHost, Config, ServiceRef};
 use crate::discovery::{DeclaredProtocol, Resolve};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicySpec};
-use crate::readiness::{Readiness, lock};
+use crate::readiness::Readiness;
 use detect::{PrefixedIo, Protocol};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,7 +206,7 @@ impl Target {
     /// The policy and what it calls for, rebuilt when the policy changed.
     pub fn resilience(&self) -> Arc<Resilience> {
         let policy = self.route.policy();
-        let mut slot = lock(&self.resilience);
+        let mut slot = self.resilience.lock();
         if let Some(r) = slot.as_ref() {
             if Arc::ptr_eq(&r.policy, &policy) || *r.policy == *policy {
                 return r.clone();
@@ -406,7 +407,7 @@ impl Proxy {
     }
 
     fn hold(&self, name: &ServiceRef, pin: bool) -> Arc<Target> {
-        let mut map = lock(&self.outbound);
+        let mut map = self.outbound.lock();
         if let Some(h) = map.get_mut(name) {
             h.last_used = std::time::Instant::now();
             h.pinned |= pin;
@@ -449,7 +450,7 @@ impl Proxy {
     /// metric series: a sidecar that once touched many services keeps the memory and the
     /// watches of the ones it still uses. Returns how many were dropped.
     pub fn evict_unused(&self, now: std::time::Instant) -> usize {
-        let mut map = lock(&self.outbound);
+        let mut map = self.outbound.lock();
         let before = map.len();
         map.retain(|name, h| {
             let idle = now.saturating_duration_since(h.last_used);
@@ -481,7 +482,8 @@ impl Proxy {
 
     /// Every destination service in use (the outbound targets), for the health model.
     pub fn outbound_targets(&self) -> Vec<(ServiceRef, Arc<Target>)> {
-        lock(&self.outbound)
+        self.outbound
+            .lock()
             .iter()
             .map(|(k, h)| (k.clone(), h.target.clone()))
             .collect()
@@ -495,7 +497,9 @@ impl Proxy {
     /// Every destination service in use and its endpoints' state, for the admin server's
     /// `/endpoints`.
     pub fn endpoints_report(&self) -> serde_json::Value {
-        let targets: Vec<Arc<Target>> = lock(&self.outbound)
+        let targets: Vec<Arc<Target>> = self
+            .outbound
+            .lock()
             .values()
             .map(|h| h.target.clone())
             .collect();
@@ -524,7 +528,7 @@ impl Proxy {
     /// make the sidecar an open relay to anywhere its pod may connect.
     fn inbound_target(&self, dst: SocketAddr) -> Option<Arc<Target>> {
         let to = self.app_host.deliver_to(dst);
-        if let Some(t) = lock(&self.inbound).get(&to) {
+        if let Some(t) = self.inbound.lock().get(&to) {
             return Some(t.clone());
         }
         if self.app_host == AppHost::OriginalDst && !is_own_address(dst.ip()) {
@@ -541,7 +545,7 @@ impl Proxy {
             return None;
         }
         let port = dst.port();
-        let mut map = lock(&self.inbound);
+        let mut map = self.inbound.lock();
         let t = map.entry(to).or_insert_with(|| {
             let label: Arc<str> = format!("app:{port}").into();
             Arc::new(Target::new(
@@ -581,7 +585,7 @@ impl Proxy {
     fn refuse_own_port(&self, dst: SocketAddr, listener: &'static str) {
         self.refuse_inbound("meshlet_port");
         let port = dst.port();
-        if lock(&self.warned_ports).insert(port) {
+        if self.warned_ports.lock().insert(port) {
             tracing::warn!(
                 %dst, port, listener,
                 "refusing an inbound connection to meshlet's own port; further ones to this \
