@@ -1145,6 +1145,15 @@ fn grpc_answer(code: &'static str) -> Handler {
     })
 }
 
+/// Asserts the sum of the samples of `name` with `labels` (see [`sample`]).
+fn assert_sample(text: &str, name: &str, labels: &[(&str, &str)], want: Option<f64>) {
+    assert_eq!(
+        sample(text, name, labels),
+        want,
+        "{name} {labels:?}:\n{text}"
+    );
+}
+
 /// The `/health` entry of `service`, once it shows `requests` (the health model is
 /// evaluated on a tick).
 async fn dependency(m: &Meshlet, service: &str, requests: u64) -> serde_json::Value {
@@ -1236,11 +1245,7 @@ async fn grpc_unavailable_in_trailers_is_a_failure_for_breaker_and_health() {
         ("status", "200"),
         ("classification", "failure"),
     ];
-    assert_eq!(
-        sample(&text, "meshlet_requests_total", &failed),
-        Some(8.0),
-        "{text}"
-    );
+    assert_sample(&text, "meshlet_requests_total", &failed, Some(8.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1272,20 +1277,18 @@ async fn a_blackholed_endpoint_times_out_and_is_ejected() {
     }
     let text = m.metrics().await;
     let ejected = [("service", "web.default"), ("transition", "ejected")];
-    assert_eq!(
-        sample(&text, "meshlet_breaker_transitions_total", &ejected),
+    assert_sample(
+        &text,
+        "meshlet_breaker_transitions_total",
+        &ejected,
         Some(1.0),
-        "{text}"
     );
     let hole_label = hole_addr.to_string();
     let state = [
         ("service", "web.default"),
         ("endpoint", hole_label.as_str()),
     ];
-    assert_eq!(
-        sample(&text, "meshlet_endpoint_breaker_state", &state),
-        Some(1.0)
-    );
+    assert_sample(&text, "meshlet_endpoint_breaker_state", &state, Some(1.0));
     // Ejected: the next request fails fast instead of waiting out another timeout.
     let t = Instant::now();
     let r = get(&mut c, "web.default", "/").await;
@@ -1366,10 +1369,11 @@ async fn a_cancelled_breaker_probe_releases_its_endpoint_at_once() {
     .await;
     let text = m.metrics().await;
     let restored = [("service", "web.default"), ("transition", "restored")];
-    assert_eq!(
-        sample(&text, "meshlet_breaker_transitions_total", &restored),
+    assert_sample(
+        &text,
+        "meshlet_breaker_transitions_total",
+        &restored,
         Some(1.0),
-        "{text}"
     );
 }
 
@@ -1410,14 +1414,11 @@ async fn a_backend_dying_mid_response_is_counted_as_a_failure() {
     )
     .await;
     let text = m.metrics().await;
-    assert_eq!(
-        sample(
-            &text,
-            "meshlet_requests_total",
-            &[("service", "web.default"), ("classification", "success")]
-        ),
+    assert_sample(
+        &text,
+        "meshlet_requests_total",
+        &[("service", "web.default"), ("classification", "success")],
         None,
-        "{text}"
     );
     let d = dependency(&m, "web.default", 1).await;
     assert_eq!(d["success_rate"], 0.0, "{d:#}");

@@ -136,9 +136,14 @@ async fn evaluate(admin: &Admin) -> Table {
     t.insert(LIVE_SERVICE.to_string(), ServingStatus::Serving);
     let snap = admin.dependencies.borrow().clone();
     for d in &snap.dependencies {
-        t.insert(d.name.clone(), serving(d.state != State::Unhealthy));
+        t.insert(d.name.clone(), dependency_status(d));
     }
     t
+}
+
+/// A dependency is SERVING unless it is unhealthy.
+fn dependency_status(d: &super::model::Dependency) -> ServingStatus {
+    serving(d.state != State::Unhealthy)
 }
 
 fn serving(ok: bool) -> ServingStatus {
@@ -157,7 +162,7 @@ async fn status_of(admin: &Admin, service: &str) -> Option<ServingStatus> {
         LIVE_SERVICE => Some(ServingStatus::Serving),
         name => {
             let snap = admin.dependencies.borrow().clone();
-            snap.get(name).map(|d| serving(d.state != State::Unhealthy))
+            snap.get(name).map(dependency_status)
         }
     }
 }

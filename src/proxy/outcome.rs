@@ -256,7 +256,9 @@ fn record_endpoint(t: &Target, ep: &Endpoint, success: bool, latency: Duration, 
 /// the edge or broken by its client, in the destination's health window.
 pub struct RequestEnd {
     target: Arc<Target>,
-    failures: Option<Arc<Resilience>>,
+    /// The destination's settings the request ran with (none when meshlet answered before
+    /// reading them: then the default failure class applies).
+    resilience: Option<Arc<Resilience>>,
     exchange: Arc<Exchange>,
     seen: Seen,
     /// meshlet's own `meshlet-error` reason, when meshlet answered.
@@ -270,7 +272,7 @@ pub struct RequestEnd {
 impl RequestEnd {
     pub fn new(
         target: Arc<Target>,
-        failures: Option<Arc<Resilience>>,
+        resilience: Option<Arc<Resilience>>,
         exchange: Arc<Exchange>,
         seen: Seen,
         error: Option<HeaderValue>,
@@ -279,7 +281,7 @@ impl RequestEnd {
         RequestEnd {
             refused: seen.status.is_client_error() && error.is_some(),
             target,
-            failures,
+            resilience,
             exchange,
             seen,
             error,
@@ -301,14 +303,9 @@ impl RequestEnd {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let default;
-        let failures = match &self.failures {
-            Some(r) => &r.failures,
-            None => {
-                default = FailureClass::default();
-                &default
-            }
-        };
+        static DEFAULT: std::sync::LazyLock<FailureClass> =
+            std::sync::LazyLock::new(FailureClass::default);
+        let failures = self.resilience.as_ref().map_or(&*DEFAULT, |r| &r.failures);
         let class = self.seen.class(failures, end);
         let t = &self.target;
         t.metrics
