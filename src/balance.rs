@@ -19,14 +19,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use prometheus::IntGauge;
 
 use crate::breaker::{self, Admission, Breaker, Transition};
-use crate::discovery::{Change, Update, UpdateStream};
+use crate::discovery::Change;
 use crate::proxy::client::Pool;
-use crate::readiness::Guard;
 
 /// Knobs shared by a service's endpoints.
 #[derive(Debug, Clone, Copy)]
@@ -255,7 +253,9 @@ impl Endpoint {
     }
 }
 
-/// One destination service's endpoints.
+/// One destination service's endpoints and their load. It knows the breaker's settings (the
+/// endpoints' breakers are built from them) and nothing else of the service's policy: the
+/// [`crate::proxy::Destination`] owns that.
 pub struct Balancer {
     pub service: Arc<str>,
     endpoints: RwLock<Arc<[Arc<Endpoint>]>>,
@@ -266,9 +266,6 @@ pub struct Balancer {
     metrics: Arc<crate::metrics::Metrics>,
     /// True once discovery has delivered the first full endpoint set.
     synced: tokio::sync::watch::Sender<bool>,
-    /// The config's `defaults`, under the destination's own policy keys.
-    defaults: crate::policy::PolicySpec,
-    policy: RwLock<Arc<crate::policy::Policy>>,
     breaker_settings: RwLock<Arc<breaker::Settings>>,
 }
 
@@ -283,6 +280,7 @@ pub fn breaker_settings(p: &crate::policy::Policy) -> breaker::Settings {
         window: p.breaker_window.0,
         min_requests: p.breaker_min_requests,
         latency_factor: p.breaker_latency_factor,
+        max_ejected: p.breaker_max_ejected.0,
         ..breaker::Settings::default()
     }
 }
@@ -300,49 +298,36 @@ impl Balancer {
         service: Arc<str>,
         settings: BalanceSettings,
         metrics: &Arc<crate::metrics::Metrics>,
-        defaults: crate::policy::PolicySpec,
+        breaker: breaker::Settings,
     ) -> Arc<Self> {
         let endpoint_gauge = metrics.endpoints.with_label_values(&[&service]);
-        let resolved = defaults.resolve();
-        let breaker_settings = RwLock::new(Arc::new(breaker_settings(&resolved)));
-        let policy = RwLock::new(Arc::new(resolved));
         Arc::new(Balancer {
-            breaker_settings,
+            breaker_settings: RwLock::new(Arc::new(breaker)),
             service,
             endpoints: RwLock::new(Arc::from(Vec::new())),
             settings,
             endpoint_gauge,
             metrics: metrics.clone(),
             synced: tokio::sync::watch::Sender::new(false),
-            defaults,
-            policy,
         })
     }
 
-    /// The destination's current policy.
-    pub fn policy(&self) -> Arc<crate::policy::Policy> {
-        self.policy.read().clone()
+    fn breaker_settings(&self) -> Arc<breaker::Settings> {
+        self.breaker_settings.read().clone()
     }
 
-    fn set_policy(&self, own: &crate::policy::PolicySpec) {
-        let policy = self.defaults.overlay(own).resolve();
-        let mut slot = self.policy.write();
-        if **slot == policy {
+    /// Takes the service's breaker settings; new ones start every endpoint's breaker afresh.
+    pub fn set_breaker(&self, new: breaker::Settings) {
+        let mut slot = self.breaker_settings.write();
+        if **slot == new {
             return;
         }
-        tracing::debug!(service = %self.service, ?policy, "policy");
-        let old = breaker_settings(&slot);
-        let new = breaker_settings(&policy);
-        *slot = Arc::new(policy);
+        let new = Arc::new(new);
+        *slot = new.clone();
         drop(slot);
-        if format!("{old:?}") != format!("{new:?}") {
-            // New breaker settings start every endpoint's breaker afresh.
-            let new = Arc::new(new);
-            *self.breaker_settings.write() = new.clone();
-            for ep in self.endpoints.read().iter() {
-                *ep.breaker.write() = Arc::new(Breaker::new(new.clone()));
-                ep.suppressed.store(false, Ordering::Release);
-            }
+        for ep in self.endpoints.read().iter() {
+            *ep.breaker.write() = Arc::new(Breaker::new(new.clone()));
+            ep.suppressed.store(false, Ordering::Release);
         }
     }
 
@@ -352,7 +337,7 @@ impl Balancer {
     fn may_eject(&self, ep: &Endpoint, now: Instant) -> bool {
         let list = self.endpoints.read();
         let n = list.len();
-        let share = self.policy().breaker_max_ejected.0;
+        let share = self.breaker_settings().max_ejected;
         let cap = (share * n as f64).floor() as usize;
         let others = list.iter().filter(|e| e.addr != ep.addr);
         let ejected = others.clone().filter(|e| e.is_ejected(now)).count();
@@ -378,7 +363,7 @@ impl Balancer {
     pub fn record(&self, ep: &Endpoint, outcome: Outcome) -> Option<Transition> {
         let now = Instant::now();
         let b = ep.breaker();
-        let latency_mode = self.policy().breaker == breaker::Mode::Latency;
+        let latency_mode = self.breaker_settings().mode == breaker::Mode::Latency;
         let peer = if latency_mode {
             self.peer_median_latency(ep)
         } else {
@@ -417,20 +402,9 @@ impl Balancer {
         let _ = tokio::time::timeout(self.settings.sync_timeout, rx.wait_for(|s| *s)).await;
     }
 
-    /// Applies discovery's updates for as long as the stream lasts. `ready` is dropped at the
-    /// first `Synced`, which marks the service's first full endpoint set.
-    pub async fn follow(self: Arc<Self>, mut updates: UpdateStream, ready: Guard) {
-        let mut ready = Some(ready);
-        while let Some(update) = updates.next().await {
-            match update {
-                Update::Change(c) => self.apply(c),
-                Update::Synced => {
-                    ready.take();
-                    self.synced.send_replace(true);
-                }
-                Update::Policy(own) => self.set_policy(&own),
-            }
-        }
+    /// Discovery delivered the service's first full endpoint set.
+    pub fn mark_synced(&self) {
+        self.synced.send_replace(true);
     }
 
     pub fn apply(&self, change: Change) {
@@ -442,7 +416,7 @@ impl Balancer {
                     return;
                 }
                 tracing::debug!(service = %self.service, endpoint = %addr, "endpoint added");
-                let b = self.breaker_settings.read().clone();
+                let b = self.breaker_settings();
                 list.push(Endpoint::with_breaker(addr, self.settings, b));
             }
             Change::Remove(addr) => {

@@ -49,7 +49,7 @@ impl FromStr for Mode {
 }
 
 /// A service's circuit-breaking knobs, shared by its endpoints' breakers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub mode: Mode,
     /// Consecutive failures that eject (consecutive mode). 0 is taken as 1.
@@ -69,6 +69,8 @@ pub struct Settings {
     pub min_requests: u32,
     /// Latency mode: eject when the endpoint's latency exceeds this many times the peers' median.
     pub latency_factor: f64,
+    /// The largest share of a service's endpoints ejected at once (see `Balancer::may_eject`).
+    pub max_ejected: f64,
 }
 
 impl Default for Settings {
@@ -83,6 +85,7 @@ impl Default for Settings {
             window: Duration::from_secs(10),
             min_requests: 20,
             latency_factor: 3.0,
+            max_ejected: 0.5,
         }
     }
 }

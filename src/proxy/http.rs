@@ -17,7 +17,7 @@ use super::edge::{ConnState, Exchange, ServedBody};
 pub use super::error::MESHLET_ERROR;
 use super::error::ProxyError;
 use super::outcome::{Attempt, Class, End, RequestEnd, Seen};
-use super::{Resilience, Target};
+use super::{Destination, Resilience};
 use crate::retry;
 
 /// Connect attempts for one request, each on a different endpoint.
@@ -27,7 +27,7 @@ const MAX_CONNECT_ATTEMPTS: usize = 3;
 /// header. The response body stays under the request's deadline and the stream idle timeout
 /// while it streams, and the request is recorded when it ends ([`ServedBody`], [`RequestEnd`]).
 pub async fn handle(
-    t: Arc<Target>,
+    t: Arc<Destination>,
     conn: Arc<ConnState>,
     req: Request<Incoming>,
 ) -> Result<Response<ServedBody>, Infallible> {
@@ -64,7 +64,7 @@ struct Forwarded {
 }
 
 /// Counts meshlet's own answer and builds it.
-fn answer(t: &Target, e: &ProxyError, grpc: bool) -> Response<Body> {
+fn answer(t: &Destination, e: &ProxyError, grpc: bool) -> Response<Body> {
     t.metrics
         .errors
         .with_label_values(&[t.direction.as_str(), &t.service, e.label()])
@@ -75,7 +75,7 @@ fn answer(t: &Target, e: &ProxyError, grpc: bool) -> Response<Body> {
 /// Forwards one request: the edge checks, the inbound limits, then deduplication or the
 /// attempts, all under the request's deadline and the stream idle timeout.
 async fn forward(
-    t: &Arc<Target>,
+    t: &Arc<Destination>,
     conn: &ConnState,
     ex: &Arc<Exchange>,
     mut req: Request<Incoming>,
@@ -176,7 +176,9 @@ const GRPC_DEADLINE_GRACE: Duration = Duration::from_millis(25);
 const REPLAY_WAIT: Duration = Duration::from_millis(5);
 
 /// The inbound concurrency and rate limits: a permit, or the limit that refuses the request.
-fn admit_inbound(t: &Target) -> Result<Option<crate::limits::ConcurrencyPermit>, &'static str> {
+fn admit_inbound(
+    t: &Destination,
+) -> Result<Option<crate::limits::ConcurrencyPermit>, &'static str> {
     let Some(limits) = &t.limits else {
         return Ok(None);
     };
@@ -256,7 +258,7 @@ impl Template {
 
 /// Sends a request to the destination's endpoints; meshlet's own answer when that fails.
 async fn send(
-    t: &Arc<Target>,
+    t: &Arc<Destination>,
     r: &Arc<Resilience>,
     ex: &Arc<Exchange>,
     req: Request<Body>,
@@ -276,7 +278,7 @@ async fn send(
 /// once, by its [`Attempt`]: at once when it is judged at its head, else when the response
 /// that rides back to the client ends.
 async fn attempts(
-    t: &Arc<Target>,
+    t: &Arc<Destination>,
     r: &Arc<Resilience>,
     ex: &Arc<Exchange>,
     req: Request<Body>,
@@ -431,7 +433,7 @@ async fn attempts(
 /// Whether a request that got a retryable answer may be sent again, and after how long; or why
 /// not (a metric label).
 fn may_send_again(
-    t: &Target,
+    t: &Destination,
     r: &Resilience,
     replay: &Option<(Template, retry::Buffered)>,
     retries: u32,
@@ -458,7 +460,7 @@ fn may_send_again(
 
 /// Counts a retry, waits its backoff, and rebuilds the request from its kept head and body.
 async fn again(
-    t: &Target,
+    t: &Destination,
     wait: Duration,
     replay: &Option<(Template, retry::Buffered)>,
     reason: &str,
@@ -470,14 +472,14 @@ async fn again(
         .map(|(tpl, b)| tpl.build(Body::prefixed(b.body())))
 }
 
-fn count_retry(t: &Target, reason: &str) {
+fn count_retry(t: &Destination, reason: &str) {
     t.metrics
         .retries
         .with_label_values(&[&t.service, reason])
         .inc();
 }
 
-fn count_skipped(t: &Target, reason: &str) {
+fn count_skipped(t: &Destination, reason: &str) {
     t.metrics
         .retries_skipped
         .with_label_values(&[&t.service, reason])
@@ -485,7 +487,7 @@ fn count_skipped(t: &Target, reason: &str) {
 }
 
 /// No endpoint could take the request: none known, all ejected, or none reachable.
-fn unavailable(t: &Target, last_error: Option<String>) -> ProxyError {
+fn unavailable(t: &Destination, last_error: Option<String>) -> ProxyError {
     let service = t.service.clone();
     if t.route.is_empty() {
         t.metrics
@@ -504,7 +506,7 @@ fn unavailable(t: &Target, last_error: Option<String>) -> ProxyError {
 /// Bytes are counted as they are written, so that a long-lived stream shows while it lasts and
 /// one that ends in an error (a reset) keeps what it carried.
 fn splice_upgrade(
-    t: &Target,
+    t: &Destination,
     client: hyper::upgrade::OnUpgrade,
     rsp: &mut Response<Body>,
     idle: Duration,

@@ -1,9 +1,10 @@
 //! The proxy: accepts connections on the outbound, inbound and explicit upstream listeners,
-//! detects their protocol and hands them to HTTP or TCP proxying toward a [`Target`].
+//! detects their protocol and hands them to HTTP or TCP proxying toward a [`Destination`].
 
 pub mod body;
 pub mod client;
 mod declared;
+pub mod destination;
 pub mod detect;
 pub mod edge;
 pub mod error;
@@ -21,7 +22,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
-use prometheus::Histogram;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -34,230 +34,9 @@ use crate::discovery::{DeclaredProtocol, Resolve};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicySpec};
 use crate::readiness::Readiness;
+use destination::Parts;
+pub use destination::{Destination, Direction, InboundLimits, Resilience, Route};
 use detect::{PrefixedIo, Protocol};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    Outbound,
-    Inbound,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
-        }
-    }
-}
-
-/// Where a connection's requests go.
-pub enum Route {
-    /// A destination service's endpoints, balanced per request.
-    Balanced(Arc<Balancer>),
-    /// One fixed endpoint (inbound: the local app's port), with its policy.
-    Fixed(Arc<Endpoint>, Arc<Policy>),
-    /// Nowhere (unknown destinations pass through without a route).
-    None,
-}
-
-impl Route {
-    /// Waits for the route's first endpoint set, if it has to.
-    pub async fn wait_synced(&self) {
-        if let Route::Balanced(b) = self {
-            b.wait_synced().await
-        }
-    }
-
-    /// The route's current policy.
-    pub fn policy(&self) -> Arc<Policy> {
-        match self {
-            Route::Balanced(b) => b.policy(),
-            Route::Fixed(_, p) => p.clone(),
-            Route::None => Arc::new(Policy::default()),
-        }
-    }
-
-    /// Picks an endpoint its breaker admits: `(endpoint, is the breaker's probe)`.
-    pub fn pick_admitted(&self, exclude: &[SocketAddr]) -> Option<(Arc<Endpoint>, bool)> {
-        match self {
-            Route::Balanced(b) => b.pick_admitted(exclude),
-            _ => self.pick(exclude).map(|e| (e, false)),
-        }
-    }
-
-    /// Records an outcome on the endpoint's breaker (balanced routes only).
-    pub fn record(
-        &self,
-        ep: &Endpoint,
-        outcome: crate::balance::Outcome,
-    ) -> Option<crate::breaker::Transition> {
-        match self {
-            Route::Balanced(b) => b.record(ep, outcome),
-            _ => None,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Endpoints known (0: the service has none at all).
-    pub fn len(&self) -> usize {
-        match self {
-            Route::Balanced(b) => b.len(),
-            Route::Fixed(..) => 1,
-            Route::None => 0,
-        }
-    }
-
-    pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {
-        match self {
-            Route::Balanced(b) => b.pick(exclude),
-            Route::Fixed(e, _) => Some(e.clone()).filter(|e| !exclude.contains(&e.addr)),
-            Route::None => None,
-        }
-    }
-}
-
-/// A destination as the data path sees it: the route plus what it records. Built once per
-/// service (or inbound delivery address) and shared by every connection to it.
-pub struct Target {
-    pub direction: Direction,
-    /// The metric label: `name.namespace`, `app:<port>` inbound, `passthrough`.
-    pub service: Arc<str>,
-    pub route: Route,
-    pub metrics: Arc<Metrics>,
-    pub duration: Histogram,
-    /// Tasks that outlive a request (upgraded streams) are tracked for graceful shutdown.
-    pub tasks: TaskTracker,
-    /// Inbound limits protecting the local app (inbound targets only).
-    pub limits: Option<Arc<InboundLimits>>,
-    /// The retry budget and deduplication of the current policy.
-    resilience: Mutex<Option<Arc<Resilience>>>,
-    /// Recent request outcomes (success rate, latency, last error) for the health model.
-    pub window: crate::health::window::Window,
-    /// Counts responses cut short (deadline, stream idle timeout).
-    pub cut_counters: edge::CutCounters,
-    /// `http.stream_idle_timeout`.
-    pub stream_idle_timeout: Duration,
-}
-
-/// Limits on requests to the local app, shared by every inbound port.
-pub struct InboundLimits {
-    pub concurrency: Option<crate::limits::ConcurrencyLimit>,
-    pub rate: Option<crate::limits::RateLimit>,
-}
-
-/// The state a destination's policy calls for: built when the policy changes, shared by its
-/// requests.
-pub struct Resilience {
-    pub policy: Arc<Policy>,
-    pub budget: crate::retry::RetryBudget,
-    pub dedup: Option<crate::dedup::Dedup>,
-    /// What counts as a failure for the breaker.
-    pub failures: crate::breaker::FailureClass,
-}
-
-impl Target {
-    fn new(
-        direction: Direction,
-        service: Arc<str>,
-        route: Route,
-        metrics: &Arc<Metrics>,
-        tasks: &TaskTracker,
-        limits: Option<Arc<InboundLimits>>,
-        stream_idle_timeout: Duration,
-    ) -> Target {
-        let labels = [direction.as_str(), &*service];
-        Target {
-            cut_counters: edge::CutCounters {
-                deadline: metrics.timeouts.with_label_values(&labels),
-                idle: metrics.idle_timeouts.with_label_values(&labels),
-            },
-            stream_idle_timeout,
-            direction,
-            duration: metrics
-                .response_duration
-                .with_label_values(&[direction.as_str(), &service]),
-            service,
-            route,
-            metrics: metrics.clone(),
-            tasks: tasks.clone(),
-            limits,
-            resilience: Mutex::new(None),
-            window: crate::health::window::Window::new(),
-        }
-    }
-
-    /// Removes the series this target created and its endpoints' (it is being dropped). The
-    /// per-status request counters of a service that was used stay: they are history.
-    fn forget_series(&self) {
-        let labels = [self.direction.as_str(), &*self.service];
-        let m = &self.metrics;
-        let _ = m.response_duration.remove_label_values(&labels);
-        let _ = m.timeouts.remove_label_values(&labels);
-        let _ = m.idle_timeouts.remove_label_values(&labels);
-        if let Route::Balanced(b) = &self.route {
-            b.forget_all_series();
-        }
-    }
-
-    /// The policy and what it calls for, rebuilt when the policy changed.
-    pub fn resilience(&self) -> Arc<Resilience> {
-        let policy = self.route.policy();
-        let mut slot = self.resilience.lock();
-        if let Some(r) = slot.as_ref() {
-            if Arc::ptr_eq(&r.policy, &policy) || *r.policy == *policy {
-                return r.clone();
-            }
-        }
-        let dedup = policy.dedup.then(|| {
-            crate::dedup::Dedup::new(
-                crate::dedup::Settings {
-                    methods: policy.dedup_methods.0.clone(),
-                    headers: policy.dedup_headers.0.clone(),
-                    max_body: policy.dedup_max_body.0,
-                    leader_timeout: policy.dedup_timeout.0,
-                    max_waiters: policy.dedup_max_waiters as usize,
-                },
-                self.metrics
-                    .dedup_coalesced
-                    .with_label_values(&[&self.service]),
-                self.metrics.dedup_saved.with_label_values(&[&self.service]),
-            )
-        });
-        let r = Arc::new(Resilience {
-            budget: crate::retry::RetryBudget::new(
-                policy.retry_budget.0,
-                policy.retry_budget_min,
-                Duration::from_secs(10),
-            ),
-            dedup,
-            failures: crate::breaker::FailureClass {
-                http: policy.failure_statuses.0,
-                grpc: policy.failure_grpc.0.clone(),
-            },
-            policy,
-        });
-        *slot = Some(r.clone());
-        r
-    }
-
-    pub(crate) fn byte_counters(&self) -> tcp::ByteCounters {
-        let c = |flow| {
-            self.metrics.tcp_bytes.with_label_values(&[
-                self.direction.as_str(),
-                &self.service,
-                flow,
-            ])
-        };
-        tcp::ByteCounters {
-            to_server: c("to_server"),
-            to_client: c("to_client"),
-        }
-    }
-}
 
 /// The shared state of all listeners.
 pub struct Proxy {
@@ -276,8 +55,8 @@ pub struct Proxy {
     evict_after: Duration,
     /// Inbound targets by delivery address: the original destination (`inbound.app_host:
     /// original_dst`, the default), else `app_host:<original port>`.
-    inbound: Mutex<HashMap<SocketAddr, Arc<Target>>>,
-    passthrough: Arc<Target>,
+    inbound: Mutex<HashMap<SocketAddr, Arc<Destination>>>,
+    passthrough: Arc<Destination>,
     limits: Option<Arc<InboundLimits>>,
     app_host: AppHost,
     /// meshlet's own ports and their listeners' names: inbound never forwards to them.
@@ -294,7 +73,7 @@ pub struct Proxy {
 
 /// A destination service the proxy holds: its target, and what eviction needs to know.
 struct Held {
-    target: Arc<Target>,
+    target: Arc<Destination>,
     /// The last time a connection asked for it.
     last_used: std::time::Instant,
     /// Named in the config (static services, upstream listeners, declared dependencies): kept
@@ -340,14 +119,17 @@ impl Proxy {
     ) -> Arc<Proxy> {
         let tasks = TaskTracker::new();
         let http = edge::Settings::from_config(&config.http);
-        let passthrough = Arc::new(Target::new(
+        let passthrough = Arc::new(Destination::new(
             Direction::Outbound,
             "passthrough".into(),
             Route::None,
-            &metrics,
-            &tasks,
-            None,
-            http.stream_idle_timeout,
+            Policy::default(),
+            Parts {
+                metrics: &metrics,
+                tasks: &tasks,
+                limits: None,
+                stream_idle_timeout: http.stream_idle_timeout,
+            },
         ));
         let limits = config.inbound.as_ref().and_then(|i| {
             let concurrency = i
@@ -396,17 +178,26 @@ impl Proxy {
         })
     }
 
+    fn parts(&self, limits: Option<Arc<InboundLimits>>) -> Parts<'_> {
+        Parts {
+            metrics: &self.metrics,
+            tasks: &self.tasks,
+            limits,
+            stream_idle_timeout: self.http.stream_idle_timeout,
+        }
+    }
+
     /// The target for a destination service, created (and its discovery started) on first use.
-    pub fn service(&self, name: &ServiceRef) -> Arc<Target> {
+    pub fn service(&self, name: &ServiceRef) -> Arc<Destination> {
         self.hold(name, false)
     }
 
     /// The target for a service named in the config: never evicted.
-    pub fn pinned_service(&self, name: &ServiceRef) -> Arc<Target> {
+    pub fn pinned_service(&self, name: &ServiceRef) -> Arc<Destination> {
         self.hold(name, true)
     }
 
-    fn hold(&self, name: &ServiceRef, pin: bool) -> Arc<Target> {
+    fn hold(&self, name: &ServiceRef, pin: bool) -> Arc<Destination> {
         let mut map = self.outbound.lock();
         if let Some(h) = map.get_mut(name) {
             h.last_used = std::time::Instant::now();
@@ -418,20 +209,19 @@ impl Proxy {
             label.clone(),
             self.settings,
             &self.metrics,
-            self.defaults.clone(),
+            Default::default(),
         );
-        let ready = self.readiness.register(format!("discovery of {name}"));
-        let updates = self.resolver.resolve(name);
-        let follow = tokio::spawn(balancer.clone().follow(updates, ready)).abort_handle();
-        let t = Arc::new(Target::new(
+        let t = Arc::new(Destination::new(
             Direction::Outbound,
             label,
             Route::Balanced(balancer),
-            &self.metrics,
-            &self.tasks,
-            None,
-            self.http.stream_idle_timeout,
+            self.defaults.resolve(),
+            self.parts(None),
         ));
+        let ready = self.readiness.register(format!("discovery of {name}"));
+        let updates = self.resolver.resolve(name);
+        let follow = Destination::follow(Arc::downgrade(&t), updates, ready, self.defaults.clone());
+        let follow = tokio::spawn(follow).abort_handle();
         map.insert(
             name.clone(),
             Held {
@@ -481,7 +271,7 @@ impl Proxy {
     }
 
     /// Every destination service in use (the outbound targets), for the health model.
-    pub fn outbound_targets(&self) -> Vec<(ServiceRef, Arc<Target>)> {
+    pub fn outbound_targets(&self) -> Vec<(ServiceRef, Arc<Destination>)> {
         self.outbound
             .lock()
             .iter()
@@ -497,7 +287,7 @@ impl Proxy {
     /// Every destination service in use and its endpoints' state, for the admin server's
     /// `/endpoints`.
     pub fn endpoints_report(&self) -> serde_json::Value {
-        let targets: Vec<Arc<Target>> = self
+        let targets: Vec<Arc<Destination>> = self
             .outbound
             .lock()
             .values()
@@ -526,7 +316,7 @@ impl Proxy {
     /// logged) when the delivery address would be `dst` but `dst` is not an address of this
     /// pod: only a crafted packet gets here with such a destination, and forwarding it would
     /// make the sidecar an open relay to anywhere its pod may connect.
-    fn inbound_target(&self, dst: SocketAddr) -> Option<Arc<Target>> {
+    fn inbound_target(&self, dst: SocketAddr) -> Option<Arc<Destination>> {
         let to = self.app_host.deliver_to(dst);
         if let Some(t) = self.inbound.lock().get(&to) {
             return Some(t.clone());
@@ -548,17 +338,12 @@ impl Proxy {
         let mut map = self.inbound.lock();
         let t = map.entry(to).or_insert_with(|| {
             let label: Arc<str> = format!("app:{port}").into();
-            Arc::new(Target::new(
+            Arc::new(Destination::new(
                 Direction::Inbound,
                 label,
-                Route::Fixed(
-                    Endpoint::new(to, self.settings),
-                    Arc::new(self.inbound_policy()),
-                ),
-                &self.metrics,
-                &self.tasks,
-                self.limits.clone(),
-                self.http.stream_idle_timeout,
+                Route::Fixed(Endpoint::new(to, self.settings)),
+                self.inbound_policy(),
+                self.parts(self.limits.clone()),
             ))
         });
         Some(t.clone())
@@ -784,7 +569,7 @@ impl Proxy {
     async fn detect_and_proxy(
         &self,
         mut stream: TcpStream,
-        t: &Arc<Target>,
+        t: &Arc<Destination>,
         dst: SocketAddr,
         declared: Option<DeclaredProtocol>,
     ) {
@@ -864,7 +649,7 @@ impl Proxy {
     async fn detect_then_proxy(
         &self,
         mut stream: TcpStream,
-        t: &Arc<Target>,
+        t: &Arc<Destination>,
         dst: SocketAddr,
         up: Option<tcp::Upstream>,
         count: bool,
@@ -946,7 +731,7 @@ impl Proxy {
     /// connection; if the client does, detection runs on its bytes as usual (HTTP stays HTTP,
     /// balanced per request). Nothing from either side for `http.stream_idle_timeout` closes
     /// both; so does finding no endpoint to connect to.
-    async fn silent(&self, stream: TcpStream, t: &Arc<Target>, dst: SocketAddr) {
+    async fn silent(&self, stream: TcpStream, t: &Arc<Destination>, dst: SocketAddr) {
         self.count_detect(t.direction, "timeout");
         let idle = self.http.stream_idle_timeout;
         let mut up = tcp::connect(t).await;
@@ -1001,7 +786,7 @@ impl Proxy {
 async fn serve_http(
     io: PrefixedIo<TcpStream>,
     proto: Protocol,
-    t: Arc<Target>,
+    t: Arc<Destination>,
     drain: CancellationToken,
     conn: Arc<edge::ConnState>,
     first_byte: tokio::time::Instant,

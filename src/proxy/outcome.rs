@@ -20,9 +20,9 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use hyper::body::Frame;
 
 use super::edge::Exchange;
-use super::{Resilience, Target};
+use super::{Destination, Resilience};
 use crate::balance::{Endpoint, InFlight};
-use crate::breaker::{FailureClass, Transition};
+use crate::breaker::FailureClass;
 
 /// How a response stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +111,7 @@ impl Seen {
 /// rides along with (see `Body::observed`), or when dropped unfinished (a deadline cut it: the
 /// endpoint's failure; the client went away: nobody's, and a breaker probe is released).
 pub struct Attempt {
-    target: Arc<Target>,
+    target: Arc<Destination>,
     resilience: Arc<Resilience>,
     exchange: Arc<Exchange>,
     pub ep: Arc<Endpoint>,
@@ -128,7 +128,7 @@ pub struct Attempt {
 
 impl Attempt {
     pub fn new(
-        target: &Arc<Target>,
+        target: &Arc<Destination>,
         resilience: &Arc<Resilience>,
         exchange: &Arc<Exchange>,
         ep: Arc<Endpoint>,
@@ -209,12 +209,8 @@ impl Attempt {
             }
         }
         let latency = self.latency.unwrap_or_else(|| self.started.elapsed());
-        match class {
-            Class::Success => record_endpoint(&self.target, &self.ep, true, latency, self.probe),
-            Class::Failure => record_endpoint(&self.target, &self.ep, false, latency, self.probe),
-            Class::Cancelled if self.probe => self.ep.breaker().release_probe(Instant::now()),
-            Class::Cancelled => {}
-        }
+        self.target
+            .record_endpoint(&self.ep, class, latency, self.probe);
     }
 }
 
@@ -226,36 +222,11 @@ impl Drop for Attempt {
     }
 }
 
-/// Records an outcome on the endpoint's breaker and shows a state change in the metrics.
-fn record_endpoint(t: &Target, ep: &Endpoint, success: bool, latency: Duration, probe: bool) {
-    let outcome = crate::balance::Outcome {
-        success,
-        latency,
-        probe,
-    };
-    if let Some(tr) = t.route.record(ep, outcome) {
-        let (label, state) = match tr {
-            Transition::Ejected { .. } => ("ejected", 1),
-            Transition::ProbeFailed { .. } => ("probe_failed", 1),
-            Transition::Restored => ("restored", 0),
-            Transition::EjectionSuppressed => ("suppressed", 0),
-        };
-        t.metrics
-            .breaker_transitions
-            .with_label_values(&[&t.service, label])
-            .inc();
-        t.metrics
-            .breaker_state
-            .with_label_values(&[&*t.service, &ep.addr.to_string()])
-            .set(state);
-    }
-}
-
 /// One client request, from its head to the end of the response the client got: records it
 /// once in `meshlet_requests_total` (status and classification) and, unless it was refused at
 /// the edge or broken by its client, in the destination's health window.
 pub struct RequestEnd {
-    target: Arc<Target>,
+    target: Arc<Destination>,
     /// The destination's settings the request ran with (none when meshlet answered before
     /// reading them: then the default failure class applies).
     resilience: Option<Arc<Resilience>>,
@@ -271,7 +242,7 @@ pub struct RequestEnd {
 
 impl RequestEnd {
     pub fn new(
-        target: Arc<Target>,
+        target: Arc<Destination>,
         resilience: Option<Arc<Resilience>>,
         exchange: Arc<Exchange>,
         seen: Seen,
@@ -307,26 +278,16 @@ impl RequestEnd {
             std::sync::LazyLock::new(FailureClass::default);
         let failures = self.resilience.as_ref().map_or(&*DEFAULT, |r| &r.failures);
         let class = self.seen.class(failures, end);
-        let t = &self.target;
-        t.metrics
-            .requests
-            .with_label_values(&[
-                t.direction.as_str(),
-                &t.service,
-                self.seen.status.as_str(),
-                class.label(),
-            ])
-            .inc();
-        if self.refused || self.exchange.client_failed() || class == Class::Cancelled {
-            return;
-        }
+        // Refused at the edge or broken by its client: says nothing about the destination.
+        let judged = !(self.refused || self.exchange.client_failed() || class == Class::Cancelled);
         let answer = crate::health::window::Answer {
             status: self.seen.status.as_u16(),
             grpc: self.seen.grpc,
             failed: class == Class::Failure,
             broken: matches!(end, End::Failed | End::Cut),
         };
-        t.window.record(answer, self.latency, self.error.as_ref());
+        let window = judged.then_some((answer, self.latency, self.error.as_ref()));
+        self.target.record_request(self.seen.status, class, window);
     }
 }
 

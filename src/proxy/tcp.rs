@@ -16,7 +16,8 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::Target;
+use super::Destination;
+use super::outcome::Class;
 
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 
@@ -28,10 +29,10 @@ pub struct Upstream {
 
 /// Connects to an endpoint of the target, falling through to another on a connect failure
 /// (each failure recorded on the endpoint). `None` (logged) when no endpoint could be reached.
-pub async fn connect(t: &Target) -> Option<Upstream> {
+pub async fn connect(t: &Destination) -> Option<Upstream> {
     t.window.mark_used();
     t.route.wait_synced().await;
-    let connect_timeout = t.route.policy().connect_timeout.0;
+    let connect_timeout = t.resilience().policy.connect_timeout.0;
     let mut tried: Vec<SocketAddr> = Vec::new();
     while tried.len() < MAX_CONNECT_ATTEMPTS {
         let Some((ep, probe)) = t.route.pick_admitted(&tried) else {
@@ -39,16 +40,11 @@ pub async fn connect(t: &Target) -> Option<Upstream> {
         };
         let inflight = ep.start();
         let started = std::time::Instant::now();
-        let outcome = |success| crate::balance::Outcome {
-            success,
-            latency: started.elapsed(),
-            probe,
-        };
         match ep.pool.connect_tcp(connect_timeout).await {
             Ok(server) => {
                 ep.connect_succeeded();
                 // For opaque TCP, a made connection is the success the breaker can see.
-                t.route.record(&ep, outcome(true));
+                t.record_endpoint(&ep, Class::Success, started.elapsed(), probe);
                 // The connect time is a latency sample; the connection's lifetime is not.
                 inflight.complete();
                 return Some(Upstream {
@@ -59,7 +55,7 @@ pub async fn connect(t: &Target) -> Option<Upstream> {
             Err(error) => {
                 inflight.forget();
                 ep.connect_failed();
-                t.route.record(&ep, outcome(false));
+                t.record_endpoint(&ep, Class::Failure, started.elapsed(), probe);
                 t.metrics
                     .connect_errors
                     .with_label_values(&[&*t.service, &ep.addr.to_string()])
@@ -85,7 +81,7 @@ pub async fn connect(t: &Target) -> Option<Upstream> {
 
 /// Connects to an endpoint of the target, sends the bytes already read, then copies both
 /// ways. Without an endpoint the client's connection is closed.
-pub async fn proxy<I>(t: &Target, mut client: I, prefix: BytesMut, idle: Duration)
+pub async fn proxy<I>(t: &Destination, mut client: I, prefix: BytesMut, idle: Duration)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -98,7 +94,7 @@ where
 }
 
 /// Sends the bytes already read to a connected endpoint, then copies both ways.
-pub async fn proxy_to<I>(t: &Target, client: I, up: Upstream, prefix: BytesMut, idle: Duration)
+pub async fn proxy_to<I>(t: &Destination, client: I, up: Upstream, prefix: BytesMut, idle: Duration)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -107,7 +103,7 @@ where
 }
 
 /// Passes a connection through, unchanged, to its original destination.
-pub async fn passthrough<I>(t: &Target, client: I, dst: SocketAddr, idle: Duration)
+pub async fn passthrough<I>(t: &Destination, client: I, dst: SocketAddr, idle: Duration)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -117,7 +113,7 @@ where
     }
 }
 
-async fn copy<I>(t: &Target, client: I, server: TcpStream, prefix: BytesMut, idle: Duration)
+async fn copy<I>(t: &Destination, client: I, server: TcpStream, prefix: BytesMut, idle: Duration)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
