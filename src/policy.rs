@@ -113,7 +113,8 @@ policy! {
     max_retries: u32 = 2, "max-retries", count(0, 100);
     /// Retries allowed as a share of requests (`20%` or `0.2`).
     retry_budget: Ratio = Ratio(0.2), "retry-budget", Bound::Any;
-    /// Retries per second always allowed on top of the budget.
+    /// A reserve of retries always allowed on top of the budget, per second of its 10 s
+    /// window (10: 100 retries in any 10 s).
     retry_budget_min: u32 = 10, "retry-budget-min", count(0, 1_000_000);
     /// The first retry's backoff bound (exponential, full jitter).
     retry_backoff: Dur = Dur(Duration::from_millis(25)), "retry-backoff", ANY_DURATION;

@@ -1,6 +1,6 @@
 //! Retries: which outcomes are retried ([`RetryOn`]), which methods may be ([`is_idempotent`]),
 //! how long to wait ([`backoff`], [`retry_after`]), how many retries the proxy can afford
-//! ([`RetryBudget`]), and how a request body is kept so that it can be sent again
+//! ([`budget`]), and how a request body is kept so that it can be sent again
 //! ([`make_replayable`]).
 //!
 //! Everything here is pure logic with the clock passed in, so that it can be tested without
@@ -11,12 +11,12 @@ use std::future::Future;
 use std::pin::{Pin, pin};
 use std::str::FromStr;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use parking_lot::Mutex;
+pub use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::proxy::body::Body;
 
@@ -230,147 +230,23 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime, cap: Duration) -> Optio
     Some(delay.min(cap))
 }
 
-/// Budget amounts are kept in millionths of a retry, so that a ratio like 0.2 adds up exactly.
-const UNITS_PER_RETRY: u64 = 1_000_000;
+/// The window over which a retry budget's deposits and withdrawals count (Linkerd's and
+/// Finagle's default).
+pub const BUDGET_TTL: Duration = Duration::from_secs(10);
 
-/// The most per-second buckets a budget keeps (an hour's TTL).
-const MAX_BUCKETS: u64 = 3600;
-
-/// A retry budget like Finagle's and Linkerd's, so that retries cannot multiply the load on a
-/// failing service: each request deposits `ratio` of a retry, each retry withdraws one; besides,
-/// `min_per_sec` retries per second are always allowed, so that a service with little traffic
-/// can still retry. Deposits and withdrawals expire after `ttl` (kept in whole seconds: a deposit
-/// counts for between `ttl - 1s` and `ttl`), so that a burst of old traffic does not fund
-/// retries forever.
-///
-/// Thread-safe and cheap: a mutex over a ring of per-second buckets, one per second of the TTL;
-/// a deposit touches one bucket, a withdrawal sums them (10 by default).
-#[derive(Debug)]
-pub struct RetryBudget {
-    deposit: u64,
-    min_per_sec: u32,
-    state: Mutex<BudgetState>,
-}
-
-#[derive(Debug)]
-struct BudgetState {
-    /// The time of the first call: seconds are counted from it.
-    origin: Option<Instant>,
-    /// The latest second seen; time never goes back, even if callers' clocks race.
-    latest: u64,
-    buckets: Box<[Bucket]>,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    /// The second since `origin` this bucket counts.
-    sec: u64,
-    /// Deposits, in units.
-    deposited: u64,
-    /// Withdrawals paid from deposits.
-    paid: u64,
-    /// Withdrawals from this second's free `min_per_sec`.
-    free: u32,
-}
-
-impl RetryBudget {
-    /// Linkerd's default ratio: retries may add 20% to the load.
-    pub const DEFAULT_RATIO: f64 = 0.2;
-    /// Linkerd's default floor.
-    pub const DEFAULT_MIN_PER_SEC: u32 = 10;
-    /// Linkerd's and Finagle's default TTL.
-    pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
-
-    /// A budget where each request adds `ratio` retries (none if `ratio` is not a positive
-    /// number; at most 1000), `min_per_sec` retries per second come free, and both expire after
-    /// `ttl` (rounded up to whole seconds, at least 1, at most an hour).
-    pub fn new(ratio: f64, min_per_sec: u32, ttl: Duration) -> RetryBudget {
-        let deposit = if ratio > 0.0 {
-            (ratio.min(1000.0) * UNITS_PER_RETRY as f64).round() as u64
-        } else {
-            0
-        };
-        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-        let n = secs.clamp(1, MAX_BUCKETS) as usize;
-        RetryBudget {
-            deposit,
-            min_per_sec,
-            state: Mutex::new(BudgetState {
-                origin: None,
-                latest: 0,
-                buckets: vec![Bucket::default(); n].into_boxed_slice(),
-            }),
-        }
-    }
-
-    /// Records a request (an original one, not a retry).
-    pub fn deposit(&self, now: Instant) {
-        let mut st = self.state.lock();
-        let b = st.current(now);
-        b.deposited = b.deposited.saturating_add(self.deposit);
-    }
-
-    /// Takes one retry from the budget, if it has one: from this second's free allowance
-    /// first, then from the deposits. `false` means the retry must not be made.
-    pub fn try_withdraw(&self, now: Instant) -> bool {
-        let min_per_sec = self.min_per_sec;
-        let mut st = self.state.lock();
-        let cur = st.current(now);
-        if cur.free < min_per_sec {
-            cur.free += 1;
-            return true;
-        }
-        let (deposited, paid) = st.live().fold((0u64, 0u64), |(d, p), b| {
-            (d.saturating_add(b.deposited), p.saturating_add(b.paid))
-        });
-        let cost = paid.saturating_add(1).saturating_mul(UNITS_PER_RETRY);
-        if deposited < cost {
-            return false;
-        }
-        let cur = st.current(now);
-        cur.paid = cur.paid.saturating_add(1);
-        true
-    }
-}
-
-impl Default for RetryBudget {
-    /// Linkerd's defaults: 20% of the traffic, 10 retries per second, over 10 seconds.
-    fn default() -> RetryBudget {
-        RetryBudget::new(
-            Self::DEFAULT_RATIO,
-            Self::DEFAULT_MIN_PER_SEC,
-            Self::DEFAULT_TTL,
-        )
-    }
-}
-
-impl BudgetState {
-    /// The bucket of the current second, emptied if it last counted an older one.
-    fn current(&mut self, now: Instant) -> &mut Bucket {
-        let origin = *self.origin.get_or_insert(now);
-        let sec = now
-            .saturating_duration_since(origin)
-            .as_secs()
-            .max(self.latest);
-        self.latest = sec;
-        // `buckets` is never empty (`new` makes at least one).
-        let n = self.buckets.len() as u64;
-        let b = &mut self.buckets[(sec % n) as usize];
-        if b.sec != sec {
-            *b = Bucket {
-                sec,
-                ..Bucket::default()
-            };
-        }
-        b
-    }
-
-    /// The buckets within the TTL of the latest second.
-    fn live(&self) -> impl Iterator<Item = &Bucket> {
-        let n = self.buckets.len() as u64;
-        let latest = self.latest;
-        self.buckets.iter().filter(move |b| b.sec + n > latest)
-    }
+/// A retry budget (tower's `TpsBudget`, Finagle's algorithm), so that retries cannot multiply
+/// the load on a failing service: each request deposits `ratio` of a retry and each retry
+/// withdraws one, over the last [`BUDGET_TTL`]; besides, a reserve of `min_per_sec` retries
+/// per second of the TTL is always there, so that a service with little traffic can still
+/// retry. A ratio that is not a positive number funds nothing (the reserve still applies).
+pub fn budget(ratio: f64, min_per_sec: u32) -> TpsBudget {
+    // TpsBudget asserts its bounds: keep the policy's values inside them.
+    let ratio = if ratio > 0.0 { ratio.min(1000.0) } else { 0.0 };
+    TpsBudget::new(
+        BUDGET_TTL,
+        min_per_sec.min(i32::MAX as u32 - 1),
+        ratio as f32,
+    )
 }
 
 /// The most request body [`make_replayable`] keeps by default: enough for nearly every API
@@ -794,89 +670,40 @@ mod tests {
         assert_eq!(ra(""), None);
     }
 
-    #[test]
-    fn budget_allows_ratio_of_requests_plus_floor() {
-        let t0 = Instant::now();
-        let b = RetryBudget::new(0.2, 0, Duration::from_secs(10));
-        assert!(!b.try_withdraw(t0));
+    #[tokio::test(start_paused = true)]
+    async fn budget_allows_ratio_of_requests_plus_reserve_over_its_window() {
+        let b = budget(0.2, 0);
+        assert!(!b.withdraw());
         for _ in 0..100 {
-            b.deposit(t0);
+            b.deposit();
         }
-        let allowed = (0..100).filter(|_| b.try_withdraw(t0)).count();
-        assert_eq!(allowed, 20);
+        assert_eq!((0..100).filter(|_| b.withdraw()).count(), 20);
 
-        let b = RetryBudget::new(0.2, 5, Duration::from_secs(10));
+        // A reserve of 1 per second is 10 over the window, with or without traffic.
+        let b = budget(0.2, 1);
         for _ in 0..100 {
-            b.deposit(t0);
+            b.deposit();
         }
-        assert_eq!((0..100).filter(|_| b.try_withdraw(t0)).count(), 25);
-        // The floor comes back every second; the deposits are spent.
-        let t1 = t0 + Duration::from_secs(1);
-        assert_eq!((0..100).filter(|_| b.try_withdraw(t1)).count(), 5);
-        // New traffic funds new retries.
+        assert_eq!((0..100).filter(|_| b.withdraw()).count(), 30);
+        // The deposits expire with the window; what was spent comes back with it.
+        tokio::time::advance(BUDGET_TTL + Duration::from_secs(2)).await;
+        assert_eq!((0..100).filter(|_| b.withdraw()).count(), 10);
         for _ in 0..10 {
-            b.deposit(t1);
+            b.deposit();
         }
-        assert!(b.try_withdraw(t1));
-        assert!(b.try_withdraw(t1));
-        assert!(!b.try_withdraw(t1));
+        assert_eq!((0..100).filter(|_| b.withdraw()).count(), 2);
     }
 
-    #[test]
-    fn budget_deposits_expire_after_ttl() {
-        let t0 = Instant::now();
-        let b = RetryBudget::new(0.5, 1, Duration::from_secs(10));
-        for _ in 0..10 {
-            b.deposit(t0);
-        }
-        // Still there just before the TTL: 1 free + 5 paid.
-        let almost = t0 + Duration::from_millis(9_999);
-        assert_eq!((0..100).filter(|_| b.try_withdraw(almost)).count(), 6);
-
-        let b = RetryBudget::new(0.5, 1, Duration::from_secs(10));
-        for _ in 0..10 {
-            b.deposit(t0);
-        }
-        // Gone at the TTL: only the floor is left.
-        let later = t0 + Duration::from_secs(10);
-        assert_eq!((0..100).filter(|_| b.try_withdraw(later)).count(), 1);
-        // And long after, the ring has wrapped many times.
-        let much_later = t0 + Duration::from_secs(1234);
-        assert_eq!((0..100).filter(|_| b.try_withdraw(much_later)).count(), 1);
-    }
-
-    #[test]
-    fn budget_withdrawals_expire_too_and_clock_never_goes_back() {
-        let t0 = Instant::now();
-        let b = RetryBudget::new(1.0, 0, Duration::from_secs(2));
-        b.deposit(t0);
-        assert!(b.try_withdraw(t0));
-        assert!(!b.try_withdraw(t0));
-        let t1 = t0 + Duration::from_secs(1);
-        b.deposit(t1);
-        assert!(b.try_withdraw(t1));
-        // An older `now` from a racing caller counts as the latest second.
-        assert!(!b.try_withdraw(t0));
-        // At t0 + 2s the first deposit and withdrawal expired; the second pair is still live.
-        let t2 = t0 + Duration::from_secs(2);
-        assert!(!b.try_withdraw(t2));
-        b.deposit(t2);
-        assert!(b.try_withdraw(t2));
-    }
-
-    #[test]
-    fn budget_odd_parameters() {
-        let t0 = Instant::now();
+    #[tokio::test(start_paused = true)]
+    async fn budget_odd_parameters_do_not_panic() {
         for ratio in [f64::NAN, -1.0, 0.0] {
-            let b = RetryBudget::new(ratio, 0, Duration::ZERO);
-            b.deposit(t0);
-            assert!(!b.try_withdraw(t0));
+            let b = budget(ratio, 0);
+            b.deposit();
+            assert!(!b.withdraw(), "ratio {ratio}");
         }
-        let b = RetryBudget::new(f64::INFINITY, 0, Duration::from_millis(1500));
-        b.deposit(t0);
-        assert!(b.try_withdraw(t0));
-        let d = RetryBudget::default();
-        assert!(d.try_withdraw(t0));
+        let b = budget(f64::INFINITY, u32::MAX);
+        b.deposit();
+        assert!(b.withdraw());
     }
 
     #[tokio::test]

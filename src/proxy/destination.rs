@@ -100,7 +100,7 @@ pub struct InboundLimits {
 /// requests.
 pub struct Resilience {
     pub policy: Arc<Policy>,
-    pub budget: crate::retry::RetryBudget,
+    pub budget: crate::retry::TpsBudget,
     pub dedup: Option<crate::dedup::Dedup>,
     /// What counts as a failure for the breaker.
     pub failures: crate::breaker::FailureClass,
@@ -122,11 +122,7 @@ impl Resilience {
             )
         });
         Resilience {
-            budget: crate::retry::RetryBudget::new(
-                policy.retry_budget.0,
-                policy.retry_budget_min,
-                Duration::from_secs(10),
-            ),
+            budget: crate::retry::budget(policy.retry_budget.0, policy.retry_budget_min),
             dedup,
             failures: crate::breaker::FailureClass {
                 http: policy.failure_statuses.0,

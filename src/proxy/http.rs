@@ -18,7 +18,7 @@ pub use super::error::MESHLET_ERROR;
 use super::error::ProxyError;
 use super::outcome::{Attempt, Class, End, RequestEnd, Seen};
 use super::{Destination, Resilience};
-use crate::retry;
+use crate::retry::{self, Budget as _};
 
 /// Connect attempts for one request, each on a different endpoint.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -290,7 +290,7 @@ async fn attempts(
         connect: p.connect_timeout.0,
         idle: p.idle_timeout.0,
     };
-    r.budget.deposit(Instant::now());
+    r.budget.deposit();
     let method = req.method().clone();
     // A request that may be sent again after it was sent keeps its head and its body (when the
     // body ends within 64 KiB). Others are sent once; a connect failure still hands them back.
@@ -451,7 +451,7 @@ fn may_send_again(
         Some(after) => after,
         None => retry::backoff(retries, p.retry_backoff.0, p.retry_backoff_max.0),
     };
-    if !r.budget.try_withdraw(Instant::now()) {
+    if !r.budget.withdraw() {
         tracing::debug!(service = %t.service, "retry budget exhausted");
         return Err("budget");
     }
