@@ -1,5 +1,5 @@
-//! Network-namespace support for the transparent-mode tests (`transparent_root.rs` for IPv4,
-//! `transparent_v6_root.rs` for IPv6): a namespace with a veth pair and iptables/ip6tables
+//! Network-namespace support for the root tests (`transparent_root.rs`, for IPv4 and IPv6, and
+//! the `inbound_*_root.rs` files): a namespace with a veth pair and iptables/ip6tables
 //! REDIRECT rules, sockets made inside it, and the meshlet binary run inside it as uid 7102.
 //! Included by those test files with `#[path = "support/netns.rs"] mod netns;` next to
 //! `mod support;`.
