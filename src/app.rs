@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::Admin;
 use crate::config::Config;
 use crate::discovery::kubernetes::KubeResolver;
 use crate::discovery::static_list::StaticResolver;
 use crate::discovery::{Chain, Resolve};
-use crate::health::probes::AppProbes;
 use crate::metrics::Metrics;
+use crate::ops::admin::Admin;
+use crate::ops::health::probes::AppProbes;
 use crate::proxy::{Listener, Proxy};
 use crate::readiness::Readiness;
 use crate::socket::{self, BindError};
@@ -60,7 +60,7 @@ pub struct App {
     /// The pod's own address (`POD_IP`), where the app probes go by default.
     pod_ip: Option<IpAddr>,
     /// Pod annotations (via the environment) that could not be used; counted at start.
-    pod_errors: Vec<crate::policy::AnnotationError>,
+    pod_errors: Vec<crate::config::policy::AnnotationError>,
 }
 
 impl App {
@@ -155,12 +155,12 @@ impl App {
     }
 
     /// The pod's own address (`POD_IP`, from `status.podIP`): the app probes run against it
-    /// unless `inbound.app_host` says otherwise (see [`crate::pod::probe_host`]).
+    /// unless `inbound.app_host` says otherwise (see [`crate::config::pod::probe_host`]).
     pub fn set_pod_ip(&mut self, ip: Option<IpAddr>) {
         self.pod_ip = ip;
     }
 
-    pub fn set_pod_errors(&mut self, errors: Vec<crate::policy::AnnotationError>) {
+    pub fn set_pod_errors(&mut self, errors: Vec<crate::config::policy::AnnotationError>) {
         self.pod_errors = errors;
     }
 
@@ -219,8 +219,8 @@ impl App {
         }
         let admin_stop = CancellationToken::new();
         tokio::spawn(proxy.clone().evict_loop(admin_stop.clone()));
-        let dependencies = crate::health::model::start(
-            crate::health::model::Settings::from_config(&self.config.health),
+        let dependencies = crate::ops::health::model::start(
+            crate::ops::health::model::Settings::from_config(&self.config.health),
             proxy.clone(),
             metrics.clone(),
             admin_stop.clone(),
@@ -235,7 +235,7 @@ impl App {
             started: Instant::now(),
             detail: Box::new(move || detail.detail()),
             app_probes: self.app_probes.take(),
-            probe_host: crate::pod::probe_host(self.config.inbound.as_ref(), self.pod_ip),
+            probe_host: crate::config::pod::probe_host(self.config.inbound.as_ref(), self.pod_ip),
             dependencies,
             ready_requires: self.config.health.ready_requires,
             outage_grace: self.config.health.outage_grace.0,
@@ -244,7 +244,7 @@ impl App {
             let address = l.local_addr().ok();
             let families = address.map(socket::families);
             tracing::info!(?address, families, "gRPC health listening");
-            tokio::spawn(crate::health::grpc::serve(
+            tokio::spawn(crate::ops::health::grpc::serve(
                 admin.clone(),
                 l,
                 admin_stop.clone(),

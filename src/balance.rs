@@ -24,7 +24,7 @@ use prometheus::IntGauge;
 
 use crate::breaker::{self, Admission, Breaker, Transition};
 use crate::discovery::Change;
-use crate::proxy::client::Pool;
+use crate::proxy::http::client::Pool;
 
 /// Knobs shared by a service's endpoints.
 #[derive(Debug, Clone, Copy)]
@@ -270,7 +270,7 @@ pub struct Balancer {
 }
 
 /// The breaker knobs of a policy.
-pub fn breaker_settings(p: &crate::policy::Policy) -> breaker::Settings {
+pub fn breaker_settings(p: &crate::config::policy::Policy) -> breaker::Settings {
     breaker::Settings {
         mode: p.breaker,
         failures: p.breaker_failures,

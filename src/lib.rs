@@ -5,24 +5,31 @@
 //! endpoints the [`balance`] module picks from (power of two choices over peak-EWMA latency), and
 //! [`proxy::client`] carries the request over a pooled connection. [`app`] wires it together.
 
-pub mod admin;
-pub mod app;
+// The proxy's data path: listeners, detection, the HTTP request pipeline (proxy::http), and the
+// decisions it consults.
 pub mod balance;
 pub mod breaker;
+pub mod limits;
+pub mod proxy;
+pub mod socket;
+
+// Its inputs: the config file, the pod settings table and per-destination policy; discovery.
 pub mod config;
-pub mod dedup;
 pub mod discovery;
-pub mod health;
+
+// Operating it: the admin server and health (they read the data path's state, never the
+// reverse); metrics and readiness are registries every layer records into.
+pub mod metrics;
+pub mod ops;
+pub mod readiness;
+
+// Wiring of `meshlet proxy`, startup order, shutdown.
+pub mod app;
+
+// Separate programs in the same binary, never imported by the proxy: `meshlet init` (the
+// iptables rules) and `meshlet inject` (the admission webhook).
 pub mod init;
 pub mod inject;
-pub mod limits;
-pub mod metrics;
-pub mod pod;
-pub mod policy;
-pub mod proxy;
-pub mod readiness;
-pub mod retry;
-pub mod socket;
 
 /// The version printed by `meshlet version` and reported on the admin server.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

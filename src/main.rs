@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use meshlet::app::App;
 use meshlet::config::{Config, LogFormat};
-use meshlet::health::probes::AppProbes;
+use meshlet::ops::health::probes::AppProbes;
 
 /// jemalloc, for memory that goes back to the system after a burst of connections: glibc's
 /// malloc kept 10,000 closed connections' memory (see README, "Memory").
@@ -126,7 +126,7 @@ fn proxy(path: Option<PathBuf>, log_json: bool, sidecar: bool) -> ExitCode {
     };
     // Inbound limits, opaque ports and inbound delivery from the pod's annotations, which the
     // injector passes as MESHLET_* env.
-    let pod_errors = meshlet::pod::apply(&mut config, |k| std::env::var(k).ok());
+    let pod_errors = meshlet::config::pod::apply(&mut config, |k| std::env::var(k).ok());
     let app_probes = match app_probes() {
         Ok(p) => p,
         Err(e) => {
@@ -246,7 +246,7 @@ fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// The app's original kubelet probes, written by the injector into `MESHLET_APP_PROBES`
-/// (format: `meshlet::health::probes`). Unset or empty: none. A bad value stops the start,
+/// (format: `meshlet::ops::health::probes`). Unset or empty: none. A bad value stops the start,
 /// like a bad config key, rather than leaving probes that silently never run.
 fn app_probes() -> Result<Option<AppProbes>, String> {
     match std::env::var("MESHLET_APP_PROBES") {

@@ -20,7 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshlet::app::App;
 use meshlet::config::Config;
-use meshlet::health::probes::AppProbes;
+use meshlet::ops::health::probes::AppProbes;
 use support::{Meshlet, admin_get};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

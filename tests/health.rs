@@ -404,7 +404,7 @@ async fn ready_follows_the_app_readiness_probe() {
     let config = Config::parse("test.yaml", "admin:\n  listen: 127.0.0.1:0\n").unwrap();
     let mut app = App::bind(config).expect("bind");
     app.set_app_probes(Some(
-        meshlet::health::probes::AppProbes::parse(&format!(
+        meshlet::ops::health::probes::AppProbes::parse(&format!(
             r#"{{"app": {{"readyz": {{"tcpSocket": {{"port": {port}}}}}, "livez": {{"tcpSocket": {{"port": {port}}}}}}}}}"#
         ))
         .unwrap(),
@@ -454,7 +454,7 @@ async fn grpc_watchers_share_one_evaluation_per_tick() {
     .unwrap();
     let mut app = App::bind(config).expect("bind");
     app.set_app_probes(Some(
-        meshlet::health::probes::AppProbes::parse(&format!(
+        meshlet::ops::health::probes::AppProbes::parse(&format!(
             r#"{{"app": {{"readyz": {{"tcpSocket": {{"port": {port}}}}}}}}}"#
         ))
         .unwrap(),

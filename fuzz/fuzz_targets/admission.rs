@@ -21,7 +21,7 @@ use base64::Engine as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use libfuzzer_sys::fuzz_target;
 use meshlet::config::Config;
-use meshlet::health::probes::AppProbes;
+use meshlet::ops::health::probes::AppProbes;
 use meshlet::init::InitArgs;
 use meshlet::inject::patch::{self, InjectConfig, Outcome};
 use meshlet::inject::server::Webhook;
@@ -103,7 +103,7 @@ fn check_env(pod: &Value, input: &str) {
     ) {
         panic!("the webhook passed the proxy dependencies it refuses: {e}\ninput: {input}");
     }
-    let errors = meshlet::pod::apply_inbound_limits(&mut config, |k| get(&proxy, k));
+    let errors = meshlet::config::pod::apply_inbound_limits(&mut config, |k| get(&proxy, k));
     assert!(
         errors.is_empty(),
         "the webhook passed the proxy limits it refuses: {errors:?}\ninput: {input}"

@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
             for s in &config.discovery.static_services {
                 let _ = config.defaults.overlay(&s.policy).resolve();
             }
-            let settings = meshlet::health::model::Settings::from_config(&config.health);
+            let settings = meshlet::ops::health::model::Settings::from_config(&config.health);
             let _ = settings.tick();
             let _ = config.health.declared();
         }

@@ -11,7 +11,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshlet::health::probes::{decode_check_response, encode_check_request, percent_decode};
+use meshlet::ops::health::probes::{decode_check_response, encode_check_request, percent_decode};
 
 fuzz_target!(|data: &[u8]| {
     let _ = decode_check_response(data);

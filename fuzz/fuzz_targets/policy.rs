@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
 use meshlet::config::Config;
-use meshlet::health::probes::AppProbes;
-use meshlet::policy::{ANNOTATION_PREFIX, KEYS, PolicySpec};
+use meshlet::ops::health::probes::AppProbes;
+use meshlet::config::policy::{ANNOTATION_PREFIX, KEYS, PolicySpec};
 
 /// Keys read natively by YAML (numbers and booleans), not through the value types' `FromStr`:
 /// `max_retries: "3"` is a string there, while the annotation `"3"` is a number.
@@ -86,7 +86,7 @@ fn environment(env: &BTreeMap<String, String>) {
     let get = |k: &str| env.get(k).cloned();
     let mut config =
         Config::parse("fuzz.yaml", "inbound:\n  listen: 127.0.0.1:0\n").expect("a valid config");
-    let errors = meshlet::pod::apply_inbound_limits(&mut config, get);
+    let errors = meshlet::config::pod::apply_inbound_limits(&mut config, get);
     for e in &errors {
         assert!(e.key.starts_with(ANNOTATION_PREFIX), "{e}");
     }

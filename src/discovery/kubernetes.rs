@@ -31,8 +31,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::{Change, DeclaredProtocol, Resolve, ServiceRef, Update, UpdateStream};
 use crate::config::ServiceName;
+use crate::config::policy::{AnnotationError, PolicySpec};
 use crate::metrics::Metrics;
-use crate::policy::{AnnotationError, PolicySpec};
 use crate::readiness::Readiness;
 
 /// What routing needs of a Service.

@@ -29,7 +29,7 @@ pub enum Update {
     Synced,
     /// The destination's own policy keys (a static service's `policy:`, a Service's
     /// annotations), over the config's `defaults`. Sent first and whenever they change.
-    Policy(Box<crate::policy::PolicySpec>),
+    Policy(Box<crate::config::policy::PolicySpec>),
 }
 
 pub type UpdateStream = Pin<Box<dyn Stream<Item = Update> + Send + 'static>>;

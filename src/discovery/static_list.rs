@@ -11,7 +11,7 @@ use crate::config::{ServiceName, StaticService};
 pub struct StaticResolver {
     by_address: HashMap<SocketAddr, ServiceName>,
     endpoints: HashMap<ServiceName, Vec<SocketAddr>>,
-    policies: HashMap<ServiceName, crate::policy::PolicySpec>,
+    policies: HashMap<ServiceName, crate::config::policy::PolicySpec>,
     /// Every static service, with its `protocol:` if it declares one.
     protocols: HashMap<ServiceName, Option<DeclaredProtocol>>,
 }

@@ -483,10 +483,10 @@ impl Builder<'_> {
                 "MESHLET_RATE_LIMIT_BURST",
                 check_rate_limit_burst,
             ),
-            // The opt-out of inbound delivery to the pod's address: see crate::pod.
+            // The opt-out of inbound delivery to the pod's address: see crate::config::pod.
             (
-                crate::pod::INBOUND_TO_LOOPBACK.0,
-                crate::pod::INBOUND_TO_LOOPBACK.1,
+                crate::config::pod::INBOUND_TO_LOOPBACK.0,
+                crate::config::pod::INBOUND_TO_LOOPBACK.1,
                 check_inbound_to_loopback,
             ),
         ];
@@ -496,7 +496,7 @@ impl Builder<'_> {
             }
         }
         // Opaque ports: the pod's, else its namespace's.
-        let (key, var) = crate::pod::OPAQUE_PORTS;
+        let (key, var) = crate::config::pod::OPAQUE_PORTS;
         if let Some(v) = self.valid_pod_or_namespace(key, check_ports) {
             env.push(json!({"name": var, "value": normalize_list(&v)}));
         }
@@ -675,22 +675,22 @@ fn check_ready_requires(v: &str) -> Result<(), String> {
     }
 }
 
-// A pod's inbound limits go through the proxy's own checks (`crate::pod`), so that the injector
+// A pod's inbound limits go through the proxy's own checks (`crate::config::pod`), so that the injector
 // passes on exactly the values the proxy will use.
 fn check_concurrency_limit(v: &str) -> Result<(), String> {
-    refused(crate::pod::concurrency_limit(v))
+    refused(crate::config::pod::concurrency_limit(v))
 }
 
 fn check_rate_limit(v: &str) -> Result<(), String> {
-    refused(crate::pod::rate_limit(v))
+    refused(crate::config::pod::rate_limit(v))
 }
 
 fn check_rate_limit_burst(v: &str) -> Result<(), String> {
-    refused(crate::pod::rate_limit_burst(v))
+    refused(crate::config::pod::rate_limit_burst(v))
 }
 
 fn check_inbound_to_loopback(v: &str) -> Result<(), String> {
-    refused(crate::pod::inbound_to_loopback(v))
+    refused(crate::config::pod::inbound_to_loopback(v))
 }
 
 fn refused<T>(r: Result<T, String>) -> Result<(), String> {
@@ -961,7 +961,7 @@ mod tests {
     /// Names with `classic` use classic mode, names with `config` a proxy ConfigMap.
     #[test]
     fn golden() {
-        use crate::health::probes::AppProbes;
+        use crate::ops::health::probes::AppProbes;
         use std::path::Path;
 
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/inject");

@@ -1,17 +1,11 @@
 //! The proxy: accepts connections on the outbound, inbound and explicit upstream listeners,
 //! detects their protocol and hands them to HTTP or TCP proxying toward a [`Destination`].
 
-pub mod body;
-pub mod client;
 mod declared;
-pub mod destination;
 pub mod detect;
-pub mod edge;
-pub mod error;
-pub mod h2_guard;
 pub mod http;
-pub mod outcome;
 pub mod tcp;
+pub mod window;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -29,14 +23,15 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::balance::{BalanceSettings, Balancer, Endpoint};
+use crate::config::policy::{Policy, PolicySpec};
 use crate::config::{AppHost, Config, ServiceRef};
 use crate::discovery::{DeclaredProtocol, Resolve};
 use crate::metrics::Metrics;
-use crate::policy::{Policy, PolicySpec};
 use crate::readiness::Readiness;
-use destination::Parts;
-pub use destination::{Destination, Direction, InboundLimits, Resilience, Route};
 use detect::{PrefixedIo, Protocol};
+use http::destination::Parts;
+pub use http::destination::{Destination, Direction, InboundLimits, Resilience, Route};
+use http::{edge, h2_guard};
 
 /// The shared state of all listeners.
 pub struct Proxy {

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::Destination;
-use super::outcome::Class;
+use super::http::outcome::Class;
 
 const MAX_CONNECT_ATTEMPTS: usize = 3;
 

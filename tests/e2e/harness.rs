@@ -8,7 +8,7 @@
 //! is mapped to a local binary by a table the test gives: the tag and digest are dropped, and
 //! failing the full name, the last path segment is looked up, so `ghcr.io/x/meshlet:0.1.0` runs
 //! the `meshlet` binary). It evaluates readiness and startup probes as kubelet would (with the
-//! crate's own kubelet-style prober, `meshlet::health::probes`: httpGet over HTTP or HTTPS
+//! crate's own kubelet-style prober, `meshlet::ops::health::probes`: httpGet over HTTP or HTTPS
 //! without certificate checks, tcpSocket, grpc; exec probes are not run and pass) and patches
 //! the pod's status (podIP, phase, Ready), so the real EndpointSlice controller publishes
 //! endpoints. Deleting a pod stops its processes (SIGTERM, then SIGKILL after the pod's
@@ -53,7 +53,7 @@ use k8s_openapi::api::core::v1::{
 };
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use meshlet::health::probes::AppProbes;
+use meshlet::ops::health::probes::AppProbes;
 use serde_json::json;
 
 pub const BRIDGE: &str = "mlbr0";
@@ -1379,7 +1379,7 @@ fn now() -> String {
 }
 
 /// A readiness or startup probe, compiled once with the crate's kubelet-style prober
-/// (`meshlet::health::probes`, the JSON of `MESHLET_APP_PROBES`): httpGet over HTTP or HTTPS
+/// (`meshlet::ops::health::probes`, the JSON of `MESHLET_APP_PROBES`): httpGet over HTTP or HTTPS
 /// (no certificate checks; 200-399 passes), tcpSocket and grpc, each within `timeoutSeconds`.
 enum PodProbe {
     /// exec probes are not run by this harness: they pass.

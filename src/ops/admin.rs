@@ -22,10 +22,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ReadyRequires;
-use crate::health::model::{Dependency, Snapshot, State};
-use crate::health::probes::{AppProbes, ProbeResult};
 use crate::metrics::Metrics;
-use crate::proxy::body::Body;
+use crate::ops::health::model::{Dependency, Snapshot, State};
+use crate::ops::health::probes::{AppProbes, ProbeResult};
+use crate::proxy::http::body::Body;
 use crate::readiness::Readiness;
 
 pub struct Admin {
@@ -38,7 +38,7 @@ pub struct Admin {
     pub detail: Box<dyn Fn() -> Vec<String> + Send + Sync>,
     /// The app's original kubelet probes (`MESHLET_APP_PROBES`), if any.
     pub app_probes: Option<Arc<AppProbes>>,
-    /// Where the app's probes go: where inbound traffic goes ([`crate::pod::probe_host`]).
+    /// Where the app's probes go: where inbound traffic goes ([`crate::config::pod::probe_host`]).
     pub probe_host: IpAddr,
     /// Every destination service in use and its endpoints' breaker state (`/endpoints`).
     pub endpoints: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
@@ -199,7 +199,7 @@ impl Admin {
         probes: &AppProbes,
         container: &str,
         probe: &str,
-    ) -> Option<crate::health::probes::ProbeResult> {
+    ) -> Option<crate::ops::health::probes::ProbeResult> {
         let r = probes.run(container, probe, self.probe_host).await?;
         let result = if r.success { "success" } else { "failure" };
         self.metrics

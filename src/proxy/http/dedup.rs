@@ -41,7 +41,7 @@ use http_body_util::BodyExt;
 use prometheus::IntCounter;
 use tokio::sync::{oneshot, watch};
 
-use crate::proxy::body::Body;
+use crate::proxy::http::body::Body;
 
 /// Request fields that are always in the key, whatever the settings: a difference in any of them
 /// can change the answer in a way that must never leak to another client. Credentials (the
@@ -522,7 +522,7 @@ enum Kind {
     },
     Stream {
         prefix: std::vec::IntoIter<Bytes>,
-        error: Option<crate::proxy::body::BodyError>,
+        error: Option<crate::proxy::http::body::BodyError>,
         rest: Option<Body>,
     },
 }
@@ -547,7 +547,7 @@ impl ResponseBody {
 
     fn stream(
         prefix: Vec<Bytes>,
-        error: Option<crate::proxy::body::BodyError>,
+        error: Option<crate::proxy::http::body::BodyError>,
         rest: Option<Body>,
     ) -> ResponseBody {
         ResponseBody {
@@ -573,12 +573,12 @@ impl std::fmt::Debug for ResponseBody {
 
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
-    type Error = crate::proxy::body::BodyError;
+    type Error = crate::proxy::http::body::BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, crate::proxy::body::BodyError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::proxy::http::body::BodyError>>> {
         match &mut self.kind {
             Kind::Own(b) => Pin::new(b).poll_frame(cx),
             Kind::Shared {

@@ -7,10 +7,9 @@
 
 //!
 //! [`model`]: the dependency health model (per destination service: healthy, degraded or
-//! unhealthy, with the reason), fed by [`window`], the recent request outcomes per destination.
+//! unhealthy, with the reason), fed by each destination's [`crate::proxy::window`], its recent request outcomes.
 //! [`grpc`]: grpc.health.v1.Health on `admin.grpc_listen`.
 
 pub mod grpc;
 pub mod model;
 pub mod probes;
-pub mod window;

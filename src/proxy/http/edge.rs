@@ -595,7 +595,7 @@ fn grpc_trailers(code: &'static str, msg: &str) -> HeaderMap {
     t.insert("grpc-status", HeaderValue::from_static(code));
     if let Ok(v) = HeaderValue::from_str(msg) {
         t.insert("grpc-message", v.clone());
-        t.insert(super::http::MESHLET_ERROR.clone(), v);
+        t.insert(super::MESHLET_ERROR.clone(), v);
     }
     t
 }

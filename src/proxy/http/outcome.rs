@@ -20,9 +20,9 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use hyper::body::Frame;
 
 use super::edge::Exchange;
-use super::{Destination, Resilience};
 use crate::balance::{Endpoint, InFlight};
 use crate::breaker::FailureClass;
+use crate::proxy::{Destination, Resilience};
 
 /// How a response stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,13 +82,16 @@ impl Seen {
     pub fn head(status: StatusCode, headers: &HeaderMap) -> Seen {
         Seen {
             status,
-            grpc: crate::retry::grpc_status(headers),
+            grpc: crate::proxy::http::retry::grpc_status(headers),
         }
     }
 
     /// Notes a body frame: trailers may carry the grpc-status.
     pub fn frame(&mut self, f: &Frame<Bytes>) {
-        if let Some(code) = f.trailers_ref().and_then(crate::retry::grpc_status) {
+        if let Some(code) = f
+            .trailers_ref()
+            .and_then(crate::proxy::http::retry::grpc_status)
+        {
             self.grpc = Some(code);
         }
     }
@@ -280,7 +283,7 @@ impl RequestEnd {
         let class = self.seen.class(failures, end);
         // Refused at the edge or broken by its client: says nothing about the destination.
         let judged = !(self.refused || self.exchange.client_failed() || class == Class::Cancelled);
-        let answer = crate::health::window::Answer {
+        let answer = crate::proxy::window::Answer {
             status: self.seen.status.as_u16(),
             grpc: self.seen.grpc,
             failed: class == Class::Failure,

@@ -20,7 +20,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::breaker::{HttpFailures, Mode};
 use crate::config::{ANY_DURATION, Bound, Dur, InBounds, POSITIVE_DURATION as POSITIVE};
-use crate::retry::RetryOn;
+use crate::proxy::http::retry::RetryOn;
 
 pub const ANNOTATION_PREFIX: &str = "meshlet.dev/";
 
@@ -434,10 +434,10 @@ mod tests {
     #[test]
     fn every_meshlet_annotation_read_anywhere_is_known() {
         let sources = [
-            include_str!("inject/patch.rs"),
-            include_str!("inject/server.rs"),
+            include_str!("../inject/patch.rs"),
+            include_str!("../inject/server.rs"),
             include_str!("pod.rs"),
-            include_str!("main.rs"),
+            include_str!("../main.rs"),
         ];
         let mut seen = 0;
         for src in sources {
@@ -752,7 +752,7 @@ mod tests {
     /// The README's policy table shows every key's range as `Bound::describe` says it.
     #[test]
     fn the_readme_documents_every_policy_range() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         for (annotation, yaml, bound) in KEYS {
             let row = readme
                 .lines()

@@ -1,6 +1,16 @@
 //! HTTP proxying: every request is balanced on its own, sent with the client's protocol over a
 //! pooled connection, and answered with the upstream's response streamed back.
 
+pub mod body;
+pub mod client;
+pub mod dedup;
+pub mod destination;
+pub mod edge;
+pub mod error;
+pub mod h2_guard;
+pub mod outcome;
+pub mod retry;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,14 +21,14 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
-use super::body::Body;
-use super::client::{ConnectTime, SendError, Timeouts};
-use super::edge::{ConnState, Exchange, ServedBody};
-pub use super::error::MESHLET_ERROR;
-use super::error::ProxyError;
-use super::outcome::{Attempt, Class, End, RequestEnd, Seen};
 use super::{Destination, Resilience};
-use crate::retry::{self, Budget as _};
+use body::Body;
+use client::{ConnectTime, SendError, Timeouts};
+use edge::{ConnState, Exchange, ServedBody};
+pub use error::MESHLET_ERROR;
+use error::ProxyError;
+use outcome::{Attempt, Class, End, RequestEnd, Seen};
+use retry::Budget as _;
 
 /// Connect attempts for one request, each on a different endpoint.
 const MAX_CONNECT_ATTEMPTS: usize = 3;
@@ -92,7 +102,7 @@ async fn forward(
         resilience: None,
     };
     let (mut parts, body) = req.into_parts();
-    if let Err(r) = super::edge::check_head(&mut parts, conn.dst) {
+    if let Err(r) = edge::check_head(&mut parts, conn.dst) {
         tracing::debug!(status = %r.status, reason = %r.reason, "request refused at the edge");
         let mut rsp = answer(t, &ProxyError::Refused(r), grpc);
         if !grpc && parts.version != Version::HTTP_2 {
@@ -124,7 +134,9 @@ async fn forward(
     let work = async {
         if let (Some(dedup), None) = (&r.dedup, &upgrade) {
             let head = Request::from_parts(parts, ());
-            if let Some(key) = crate::dedup::key(&head, !body.is_end_stream(), dedup.settings()) {
+            if let Some(key) =
+                crate::proxy::http::dedup::key(&head, !body.is_end_stream(), dedup.settings())
+            {
                 // Bodiless: every caller (leader, or a waiter that must go alone) can send its
                 // own copy of the request.
                 let (parts, ()) = head.into_parts();
@@ -149,11 +161,11 @@ async fn forward(
     // ends as its endpoint's failure (see `outcome::Attempt`), not as a cancellation.
     let rsp = tokio::select! {
         rsp = work => rsp,
-        _ = super::edge::stream_idle(ex, idle) => {
+        _ = edge::stream_idle(ex, idle) => {
             t.cut_counters.idle.inc();
             answer(t, &ProxyError::StreamIdle(idle), grpc)
         }
-        _ = super::edge::deadline_passed(ex, deadline) => {
+        _ = edge::deadline_passed(ex, deadline) => {
             t.cut_counters.deadline.inc();
             let e = ProxyError::Timeout {
                 service: t.service.clone(),
@@ -197,7 +209,7 @@ fn admit_inbound(
 /// grpc-timeout travels to the server, which should end the call itself with its own status and
 /// message; meshlet gives it a moment to do so (`GRPC_DEADLINE_GRACE`) and only then answers
 /// DEADLINE_EXCEEDED for a server that ignores deadlines.
-fn deadline(policy: &crate::policy::Policy, h: &HeaderMap) -> Option<Duration> {
+fn deadline(policy: &crate::config::policy::Policy, h: &HeaderMap) -> Option<Duration> {
     let grpc = h
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())

@@ -9,7 +9,7 @@
 //! A background task evaluates every dependency every second (more often when the hysteresis is
 //! shorter than 4 s, so that it is honoured) from what the proxy already knows: the balancer's
 //! endpoints, the breaker's ejections, the request outcomes of the last ten seconds
-//! ([`super::window`]), and whether discovery is stale. The observed state is
+//! ([`crate::proxy::window`]), and whether discovery is stale. The observed state is
 //!
 //! - unknown: discovery has not delivered the service's endpoints yet, or a service never used
 //!   and not declared has no endpoints (it is not reported as a problem);
@@ -31,9 +31,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::window::{SECONDS, Stats};
 use crate::config::{HealthConfig, ServiceName};
 use crate::metrics::Metrics;
+use crate::proxy::window::{SECONDS, Stats};
 use crate::proxy::{Proxy, Route};
 
 /// Fewer recent requests than this say nothing about a success rate.
@@ -513,10 +513,10 @@ mod tests {
             judge(false, true, true, e(2, 0), Some("discovery stale"), &none).0,
             State::Degraded
         );
-        let w = super::super::window::Window::new();
+        let w = crate::proxy::window::Window::new();
         for i in 0..100 {
             w.record(
-                super::super::window::tests::status(if i < 42 { 200 } else { 503 }),
+                crate::proxy::window::tests::status(if i < 42 { 200 } else { 503 }),
                 Duration::from_millis(1),
                 None,
             );

@@ -18,7 +18,7 @@ use http::{HeaderMap, Method, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 pub use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::proxy::body::Body;
+use crate::proxy::http::body::Body;
 
 /// The outcomes that are retried, besides connect failures, which always are: a request that
 /// never reached an endpoint cannot have been processed, so trying another is always safe.

@@ -39,7 +39,7 @@
 //!   connect, TLS, request and answer. The thresholds and periods stay kubelet's business: it
 //!   still calls the rewritten probe with the pod's `periodSeconds` and `failureThreshold`.
 //! - `httpGet`: connects to `host` (default: the probe host, where inbound traffic goes:
-//!   the pod's address by default, see `crate::pod::probe_host`) on
+//!   the pod's address by default, see `crate::config::pod::probe_host`) on
 //!   `port` (a number, or a name from `ports`), sends `GET <path>` with `httpHeaders` (a `Host`
 //!   among them sets the Host header; default `User-Agent: kube-probe/1.34` and `Accept: */*`
 //!   unless given), and succeeds on status 200-399. `HTTPS` skips certificate verification, as

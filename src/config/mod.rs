@@ -6,6 +6,9 @@
 //! parse but would crash or misbehave, such as a zero timeout or a duration so long that the
 //! clock arithmetic overflows) and the rules that span several keys.
 
+pub mod pod;
+pub mod policy;
+
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -75,7 +78,7 @@ pub struct Config {
     pub http2: Http2Config,
     /// The policy every destination starts from (timeouts, retries, breaker, dedup); a static
     /// service's `policy:` or a Kubernetes Service's `meshlet.dev/*` annotations override it.
-    pub defaults: crate::policy::PolicySpec,
+    pub defaults: crate::config::policy::PolicySpec,
     /// How long in-flight requests and connections may take to finish after a shutdown starts.
     pub shutdown_grace: Dur,
     /// Runtime worker threads; default: the cgroup CPU limit (rounded up), at least 1.
@@ -98,7 +101,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             balance: BalanceConfig::default(),
             http2: Http2Config::default(),
-            defaults: crate::policy::PolicySpec::default(),
+            defaults: crate::config::policy::PolicySpec::default(),
             shutdown_grace: Dur(Duration::from_secs(30)),
             workers: None,
             log: LogConfig::default(),
@@ -124,7 +127,7 @@ impl Default for AdminConfig {
     }
 }
 
-/// `health:`: the dependency health model (see `crate::health::model`).
+/// `health:`: the dependency health model (see `crate::ops::health::model`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
@@ -330,7 +333,7 @@ pub struct StaticService {
     pub endpoints: Vec<Addr>,
     /// This service's policy keys, over `defaults`.
     #[serde(default)]
-    pub policy: crate::policy::PolicySpec,
+    pub policy: crate::config::policy::PolicySpec,
     /// The protocol the service speaks (`http1`, `http2`, `opaque`): detection is skipped.
     /// Absent: detected on each connection.
     #[serde(default)]
@@ -615,7 +618,7 @@ pub const HTTP2_PREMATURE_RESET_MIN_STREAMS: Ranged = ranged(
 pub const HTTP2_PREMATURE_RESET_LIFETIME: Ranged =
     ranged("http2.premature_reset_lifetime", ANY_DURATION);
 
-/// Every config key with a range besides the policy keys (`crate::policy::KEYS`) and the
+/// Every config key with a range besides the policy keys (`crate::config::policy::KEYS`) and the
 /// addresses and ports (checked in [`Config::validate`]).
 pub const RANGED: &[Ranged] = &[
     SHUTDOWN_GRACE,
@@ -1684,7 +1687,7 @@ upstreams:
     /// The README's config reference shows every key's range as `Bound::describe` says it.
     #[test]
     fn the_readme_documents_every_range() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         for r in RANGED {
             let row = readme
                 .lines()

@@ -22,9 +22,9 @@ use super::edge;
 use super::outcome::Class;
 use crate::balance::{Balancer, Endpoint};
 use crate::breaker::Transition;
+use crate::config::policy::{Policy, PolicySpec};
 use crate::discovery::{Update, UpdateStream};
 use crate::metrics::Metrics;
-use crate::policy::{Policy, PolicySpec};
 use crate::readiness::Guard;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,8 +100,8 @@ pub struct InboundLimits {
 /// requests.
 pub struct Resilience {
     pub policy: Arc<Policy>,
-    pub budget: crate::retry::TpsBudget,
-    pub dedup: Option<crate::dedup::Dedup>,
+    pub budget: crate::proxy::http::retry::TpsBudget,
+    pub dedup: Option<crate::proxy::http::dedup::Dedup>,
     /// What counts as a failure for the breaker.
     pub failures: crate::breaker::FailureClass,
 }
@@ -109,8 +109,8 @@ pub struct Resilience {
 impl Resilience {
     fn new(policy: Policy, metrics: &Metrics, service: &str) -> Resilience {
         let dedup = policy.dedup.then(|| {
-            crate::dedup::Dedup::new(
-                crate::dedup::Settings {
+            crate::proxy::http::dedup::Dedup::new(
+                crate::proxy::http::dedup::Settings {
                     methods: policy.dedup_methods.0.clone(),
                     headers: policy.dedup_headers.0.clone(),
                     max_body: policy.dedup_max_body.0,
@@ -122,7 +122,10 @@ impl Resilience {
             )
         });
         Resilience {
-            budget: crate::retry::budget(policy.retry_budget.0, policy.retry_budget_min),
+            budget: crate::proxy::http::retry::budget(
+                policy.retry_budget.0,
+                policy.retry_budget_min,
+            ),
             dedup,
             failures: crate::breaker::FailureClass {
                 http: policy.failure_statuses.0,
@@ -151,7 +154,7 @@ pub struct Destination {
     /// changes, so that a request keeps the settings it started with.
     resilience: tokio::sync::watch::Sender<Arc<Resilience>>,
     /// Recent request outcomes (success rate, latency, last error) for the health model.
-    pub window: crate::health::window::Window,
+    pub window: crate::proxy::window::Window,
     /// Counts responses cut short (deadline, stream idle timeout).
     pub cut_counters: edge::CutCounters,
     /// `http.stream_idle_timeout`.
@@ -194,7 +197,7 @@ impl Destination {
             tasks: parts.tasks.clone(),
             limits: parts.limits,
             resilience: tokio::sync::watch::Sender::new(resilience),
-            window: crate::health::window::Window::new(),
+            window: crate::proxy::window::Window::new(),
         }
     }
 
@@ -291,7 +294,7 @@ impl Destination {
         status: http::StatusCode,
         class: Class,
         window: Option<(
-            crate::health::window::Answer,
+            crate::proxy::window::Answer,
             Duration,
             Option<&http::HeaderValue>,
         )>,
@@ -312,7 +315,7 @@ impl Destination {
 
     /// Removes the series this destination created and its endpoints' (it is being dropped).
     /// The per-status request counters of a service that was used stay: they are history.
-    pub(super) fn forget_series(&self) {
+    pub(in crate::proxy) fn forget_series(&self) {
         let labels = [self.direction.as_str(), &*self.service];
         let m = &self.metrics;
         let _ = m.response_duration.remove_label_values(&labels);
@@ -323,7 +326,7 @@ impl Destination {
         }
     }
 
-    pub(crate) fn byte_counters(&self) -> super::tcp::ByteCounters {
+    pub(crate) fn byte_counters(&self) -> crate::proxy::tcp::ByteCounters {
         let c = |flow| {
             self.metrics.tcp_bytes.with_label_values(&[
                 self.direction.as_str(),
@@ -331,7 +334,7 @@ impl Destination {
                 flow,
             ])
         };
-        super::tcp::ByteCounters {
+        crate::proxy::tcp::ByteCounters {
             to_server: c("to_server"),
             to_client: c("to_client"),
         }

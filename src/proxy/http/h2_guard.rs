@@ -56,9 +56,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use super::Direction;
 use super::body::{Body, BodyError};
 use crate::config::Http2Config;
+use crate::proxy::Direction;
 
 /// How long hyper may take to finish the frame it is writing when we close; a client that
 /// does not read keeps it from finishing, and then the connection is closed without GOAWAY.

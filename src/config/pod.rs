@@ -7,10 +7,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::config::policy::AnnotationError;
 use crate::config::{
     AppHost, CONCURRENCY_LIMIT, Config, InboundConfig, RATE_LIMIT, RATE_LIMIT_BURST,
 };
-use crate::policy::AnnotationError;
 
 /// The pod annotations carried in the environment: (annotation, environment variable).
 pub const POD_ENV: &[(&str, &str)] = &[

@@ -56,9 +56,9 @@ enum Kind {
     /// A request body from the client: a failure in it is the client's (see `edge::Exchange`).
     Client(Incoming, std::sync::Arc<Exchange>),
     /// A request body kept for retries, or read partly (see `retry::make_replayable`).
-    Prefixed(Box<crate::retry::PrefixedBody>),
+    Prefixed(Box<crate::proxy::http::retry::PrefixedBody>),
     /// A response shared by deduplicated requests (see `dedup`).
-    Shared(Box<crate::dedup::ResponseBody>),
+    Shared(Box<crate::proxy::http::dedup::ResponseBody>),
 }
 
 impl std::fmt::Debug for Body {
@@ -114,7 +114,7 @@ impl Body {
         }
     }
 
-    pub fn prefixed(b: crate::retry::PrefixedBody) -> Body {
+    pub fn prefixed(b: crate::proxy::http::retry::PrefixedBody) -> Body {
         Body {
             kind: Kind::Prefixed(Box::new(b)),
             on_end: None,
@@ -122,7 +122,7 @@ impl Body {
         }
     }
 
-    pub fn shared(b: crate::dedup::ResponseBody) -> Body {
+    pub fn shared(b: crate::proxy::http::dedup::ResponseBody) -> Body {
         Body {
             kind: Kind::Shared(Box::new(b)),
             on_end: None,

@@ -32,7 +32,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use super::model::State;
-use crate::admin::Admin;
+use crate::ops::admin::Admin;
 
 /// The liveness service name.
 pub const LIVE_SERVICE: &str = "meshlet.live";
