@@ -55,11 +55,13 @@ enum Kind {
     Incoming(Incoming),
     /// A request body from the client: a failure in it is the client's (see `edge::Exchange`).
     Client(Incoming, std::sync::Arc<Exchange>),
-    /// A request body kept for retries, or read partly (see `retry::make_replayable`).
-    Prefixed(Box<crate::proxy::http::retry::PrefixedBody>),
-    /// A response shared by deduplicated requests (see `dedup`).
-    Shared(Box<crate::proxy::http::dedup::ResponseBody>),
+    /// A body of another stage, named for `Debug`: the client's request body teed for
+    /// retries and its replays (`replay`), a response shared by deduplicated requests
+    /// (`dedup`). Boxed, so that this type depends on none of them.
+    Boxed(&'static str, Pin<Box<Dyn>>),
 }
+
+type Dyn = dyn http_body::Body<Data = Bytes, Error = BodyError> + Send;
 
 impl std::fmt::Debug for Body {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,8 +70,7 @@ impl std::fmt::Debug for Body {
             Kind::Full(_) => "full",
             Kind::Incoming(_) => "streaming",
             Kind::Client(..) => "client",
-            Kind::Prefixed(_) => "prefixed",
-            Kind::Shared(_) => "shared",
+            Kind::Boxed(name, _) => name,
         };
         f.debug_struct("Body").field("kind", &kind).finish()
     }
@@ -114,17 +115,13 @@ impl Body {
         }
     }
 
-    pub fn prefixed(b: crate::proxy::http::retry::PrefixedBody) -> Body {
+    /// Another stage's body (`name` shows in `Debug`).
+    pub fn boxed<B>(name: &'static str, b: B) -> Body
+    where
+        B: http_body::Body<Data = Bytes, Error = BodyError> + Send + 'static,
+    {
         Body {
-            kind: Kind::Prefixed(Box::new(b)),
-            on_end: None,
-            attempt: None,
-        }
-    }
-
-    pub fn shared(b: crate::proxy::http::dedup::ResponseBody) -> Body {
-        Body {
-            kind: Kind::Shared(Box::new(b)),
+            kind: Kind::Boxed(name, Box::pin(b)),
             on_end: None,
             attempt: None,
         }
@@ -220,8 +217,7 @@ impl Body {
                 }
                 res.map_err(BodyError::from)
             }
-            Kind::Prefixed(b) => Pin::new(b.as_mut()).poll_frame(cx),
-            Kind::Shared(b) => Pin::new(b.as_mut()).poll_frame(cx),
+            Kind::Boxed(_, b) => b.as_mut().poll_frame(cx),
         }
     }
 
@@ -231,8 +227,7 @@ impl Body {
             Kind::Full(b) => b.is_none(),
             Kind::Incoming(b) => b.is_end_stream(),
             Kind::Client(b, _) => b.is_end_stream(),
-            Kind::Prefixed(b) => b.is_end_stream(),
-            Kind::Shared(b) => b.is_end_stream(),
+            Kind::Boxed(_, b) => b.is_end_stream(),
         }
     }
 
@@ -242,8 +237,7 @@ impl Body {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Incoming(b) => b.size_hint(),
             Kind::Client(b, _) => b.size_hint(),
-            Kind::Prefixed(b) => b.size_hint(),
-            Kind::Shared(b) => b.size_hint(),
+            Kind::Boxed(_, b) => b.size_hint(),
         }
     }
 }

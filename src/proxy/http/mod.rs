@@ -9,6 +9,7 @@ pub mod edge;
 pub mod error;
 pub mod h2_guard;
 pub mod outcome;
+pub mod replay;
 pub mod retry;
 
 use std::convert::Infallible;
@@ -22,12 +23,18 @@ use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
 use super::{Destination, Resilience};
-use body::Body;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use body::{Body, BodyError};
+use bytes::Bytes;
 use client::{ConnectTime, SendError, Timeouts};
 use edge::{ConnState, Exchange, ServedBody};
 pub use error::MESHLET_ERROR;
 use error::ProxyError;
+use http_body::Frame;
 use outcome::{Attempt, Class, End, RequestEnd, Seen};
+use replay::{Kept, Tee};
 use retry::Budget as _;
 
 /// Connect attempts for one request, each on a different endpoint.
@@ -149,7 +156,7 @@ async fn forward(
                         async move { send(&t, &r, &ex, req, None, grpc).await }
                     })
                     .await;
-                return rsp.map(Body::shared);
+                return rsp.map(|b| Body::boxed("shared", b));
             }
             parts = head.into_parts().0;
         }
@@ -182,10 +189,6 @@ async fn forward(
 }
 
 const GRPC_DEADLINE_GRACE: Duration = Duration::from_millis(25);
-
-/// A request body that has not ended this soon after the head is treated as a stream (a
-/// client-streaming or bidi gRPC call, an upload in progress) and not held for retries.
-const REPLAY_WAIT: Duration = Duration::from_millis(5);
 
 /// The inbound concurrency and rate limits: a permit, or the limit that refuses the request.
 fn admit_inbound(
@@ -304,25 +307,20 @@ async fn attempts(
     };
     r.budget.deposit();
     let method = req.method().clone();
-    // A request that may be sent again after it was sent keeps its head and its body (when the
-    // body ends within 64 KiB). Others are sent once; a connect failure still hands them back.
+    // A request that may be sent again after it was sent keeps its head, and a copy of its body
+    // as the first attempt sends it, without holding the request back (see `replay`): it is
+    // retried only if that body ended within 64 KiB. Others are sent once; a connect failure
+    // still hands them back.
     let may_retry = upgrade.is_none()
         && p.max_retries > 0
         && (retry::is_idempotent(&method) || (grpc && p.retry_on.retriable_grpc));
     let (mut next, replay) = if may_retry {
         let (parts, body) = req.into_parts();
-        let give_up = tokio::time::sleep(REPLAY_WAIT);
-        match retry::make_replayable_until(body, retry::DEFAULT_REPLAY_LIMIT, give_up).await {
-            Ok(retry::Replay::Replayable(b)) => {
-                let template = Template::of(&parts);
-                let first = Request::from_parts(parts, Body::prefixed(b.body()));
-                (Some(first), Some((template, b)))
-            }
-            Ok(retry::Replay::Streaming(b)) => {
-                (Some(Request::from_parts(parts, Body::prefixed(b))), None)
-            }
-            Err(e) => return Err(ProxyError::RequestBody(e.to_string())),
-        }
+        let template = Template::of(&parts);
+        let (head, body) = settled(body)?;
+        let (tee, kept) = Tee::new(head, body, replay::DEFAULT_REPLAY_LIMIT);
+        let first = Request::from_parts(parts, Body::boxed("tee", tee));
+        (Some(first), Some((template, kept)))
     } else {
         (Some(req), None)
     };
@@ -373,12 +371,12 @@ async fn attempts(
                     && p.retry_on.retries_response(&method, status, rsp.headers())
                 {
                     match may_send_again(t, r, &replay, retries, rsp.headers()) {
-                        Ok(wait) => {
+                        Ok((wait, again_req)) => {
                             attempt.end(End::Complete);
                             drop(rsp);
                             retries += 1;
                             tried.push(ep.addr);
-                            next = again(t, wait, &replay, "status").await;
+                            next = again(t, wait, again_req, "status").await;
                             continue;
                         }
                         Err(reason) => count_skipped(t, reason),
@@ -424,10 +422,10 @@ async fn attempts(
                     || (grpc && p.retry_on.reset && replay.is_some())
                 {
                     match may_send_again(t, r, &replay, retries, &HeaderMap::new()) {
-                        Ok(wait) => {
+                        Ok((wait, again_req)) => {
                             retries += 1;
                             tried.push(ep.addr);
-                            next = again(t, wait, &replay, "reset").await;
+                            next = again(t, wait, again_req, "reset").await;
                             continue;
                         }
                         Err(reason) => count_skipped(t, reason),
@@ -442,19 +440,45 @@ async fn attempts(
     }
 }
 
-/// Whether a request that got a retryable answer may be sent again, and after how long; or why
-/// not (a metric label).
+/// A frame already read from a body.
+type Ready = Result<Frame<Bytes>, BodyError>;
+
+/// A request body looked at once, without waiting: its end may already be there (an HTTP/2
+/// request whose HEADERS carried END_STREAM may say so only once polled), and then the upstream
+/// request goes out with the empty body it has, holding nothing of the client's stream; a
+/// client that already reset its stream is answered here and nothing goes upstream. Returns a
+/// frame that was ready (to be sent first) and the body.
+fn settled(mut body: Body) -> Result<(Option<Ready>, Body), ProxyError> {
+    if body.is_end_stream() {
+        return Ok((None, Body::empty()));
+    }
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match Pin::new(&mut body).poll_frame(&mut cx) {
+        Poll::Ready(None) => Ok((None, Body::empty())),
+        Poll::Ready(Some(Err(e))) => Err(ProxyError::RequestBody(e.to_string())),
+        Poll::Ready(Some(frame)) => Ok((Some(frame), body)),
+        Poll::Pending => Ok((None, body)),
+    }
+}
+
+/// Whether a request that got a retryable answer may be sent again, after how long, and the
+/// request to send; or why not (a metric label).
 fn may_send_again(
     t: &Destination,
     r: &Resilience,
-    replay: &Option<(Template, retry::Buffered)>,
+    replay: &Option<(Template, Kept)>,
     retries: u32,
     headers: &HeaderMap,
-) -> Result<Duration, &'static str> {
+) -> Result<(Duration, Request<Body>), &'static str> {
     let p = &r.policy;
-    if replay.is_none() {
+    // The body must have gone by whole, within the limit: a stream still open, or a long body,
+    // is not sent twice.
+    let Some(next) = replay
+        .as_ref()
+        .and_then(|(tpl, kept)| kept.body().map(|b| tpl.build(b)))
+    else {
         return Err("body");
-    }
+    };
     if retries >= p.max_retries {
         return Err("attempts");
     }
@@ -467,21 +491,19 @@ fn may_send_again(
         tracing::debug!(service = %t.service, "retry budget exhausted");
         return Err("budget");
     }
-    Ok(wait)
+    Ok((wait, next))
 }
 
-/// Counts a retry, waits its backoff, and rebuilds the request from its kept head and body.
+/// Counts a retry and waits its backoff.
 async fn again(
     t: &Destination,
     wait: Duration,
-    replay: &Option<(Template, retry::Buffered)>,
+    next: Request<Body>,
     reason: &str,
 ) -> Option<Request<Body>> {
     count_retry(t, reason);
     tokio::time::sleep(wait).await;
-    replay
-        .as_ref()
-        .map(|(tpl, b)| tpl.build(Body::prefixed(b.body())))
+    Some(next)
 }
 
 fn count_retry(t: &Destination, reason: &str) {
