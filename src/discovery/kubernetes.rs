@@ -8,8 +8,8 @@
 //!   here).
 //! - **EndpointSlices only of the services this pod talks to**, watched by the
 //!   `kubernetes.io/service-name` label in the service's namespace from the first connection
-//!   (or at startup for services named in the config). A pod never holds the endpoints of the
-//!   whole cluster.
+//!   (or at startup for services named in the config), each service's slices in a kube
+//!   reflector store of their own. A pod never holds the endpoints of the whole cluster.
 //!
 //! Failures: the watchers reconnect with kube's default backoff; while a watch is failing the
 //! last known endpoints keep serving (a re-list replaces a set only when it completes, so an API
@@ -25,7 +25,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, watch};
 
@@ -513,9 +513,11 @@ impl KubeResolver {
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &target.name.namespace);
         let cfg = watcher::Config::default()
             .labels(&format!("kubernetes.io/service-name={}", target.name.name));
-        let mut stream = watcher(api, cfg).backoff(WatchBackoff::new()).boxed();
-        let mut slices: HashMap<String, EndpointSlice> = HashMap::new();
-        let mut buffer: Option<HashMap<String, EndpointSlice>> = None;
+        let (slices, writer) = reflector::store();
+        let mut stream = watcher(api, cfg)
+            .backoff(WatchBackoff::new())
+            .reflect(writer)
+            .boxed();
         let mut current: HashSet<SocketAddr> = HashSet::new();
         let mut sent_synced = false;
         let mut policy: Option<PolicySpec> = None;
@@ -544,41 +546,16 @@ impl KubeResolver {
                     continue;
                 }
             };
-            let changed = match ev {
-                Ok(watcher::Event::Init) => {
-                    buffer = Some(HashMap::new());
-                    false
-                }
-                Ok(watcher::Event::InitApply(s)) => {
-                    if let (Some(b), Some(n)) = (buffer.as_mut(), s.metadata.name.clone()) {
-                        b.insert(n, s);
-                    }
-                    false
-                }
-                Ok(watcher::Event::InitDone) => {
-                    slices = buffer.take().unwrap_or_default();
-                    true
-                }
-                Ok(watcher::Event::Apply(s)) => {
-                    if let Some(n) = s.metadata.name.clone() {
-                        slices.insert(n, s);
-                    }
-                    true
-                }
-                Ok(watcher::Event::Delete(s)) => {
-                    if let Some(n) = &s.metadata.name {
-                        slices.remove(n);
-                    }
-                    true
-                }
+            // A list fills the store's buffer, which replaces the store whole when the list
+            // completes; so the set is read only then and after each later change.
+            match ev {
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(service = %target, error = %e, "EndpointSlice watch failed; keeping the last known endpoints");
                     self.mark(&label, Some(e.to_string()));
-                    false
+                    continue;
                 }
-            };
-            if !changed {
-                continue;
             }
             self.mark(&label, None);
             let port_name = match self.service_info(&target.name) {
@@ -594,7 +571,8 @@ impl KubeResolver {
                 None => String::new(),
             };
             let all: Vec<(SocketAddr, Conditions)> = slices
-                .values()
+                .state()
+                .iter()
                 .flat_map(|s| slice_endpoints(s, &port_name))
                 .collect();
             let next = effective(all.iter());
