@@ -42,6 +42,9 @@ pub struct Metrics {
     pub discovery_stale: IntGaugeVec,
     /// Discovery watch errors.
     pub discovery_errors: IntCounterVec,
+    /// Full lists completed by discovery watches (at start, and on a reconnect that cannot go
+    /// on from the last resource version), by watch kind: `services` or `endpointslices`.
+    pub discovery_syncs: IntCounterVec,
     /// `meshlet.dev/*` annotations ignored for a bad value.
     pub policy_errors: IntCounterVec,
     /// Retries sent, by reason.
@@ -196,6 +199,12 @@ impl Metrics {
                 &r,
                 "meshlet_discovery_errors_total",
                 "Discovery watch errors (each is retried with backoff)",
+                &["watch"],
+            ),
+            discovery_syncs: counter(
+                &r,
+                "meshlet_discovery_watch_syncs_total",
+                "Full lists completed by discovery watches (at start, and on a reconnect that cannot resume from the last resource version), by watch (services, endpointslices)",
                 &["watch"],
             ),
             policy_errors: counter(

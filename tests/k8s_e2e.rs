@@ -1196,6 +1196,7 @@ async fn api_server_down_keeps_traffic_flowing(ctx: &Ctx) -> TestResult {
     ctx.wait_endpoints(&ns, "web", 2).await?;
     let m = ctx.meshlet(&[format!("web.{ns}:80")]).await;
     spread(m.upstream(0), 10).await?;
+    let syncs_before = watch_syncs(&m.metrics().await);
 
     ctx.cluster.stop_apiserver()?;
     let result = async {
@@ -1230,15 +1231,39 @@ async fn api_server_down_keeps_traffic_flowing(ctx: &Ctx) -> TestResult {
         {
             return Err(format!("no stale watch in the metrics:\n{text}"));
         }
+        // Both watches, each noticing on its next try.
+        wait_for("both watches stale", Duration::from_secs(30), || async {
+            (stale(&m.metrics().await, &ns) == [Some(1.0); 2]).then_some(())
+        })
+        .await?;
         Ok::<_, String>(())
     }
     .await;
-    ctx.cluster.start_apiserver()?;
-    let back = Instant::now();
+    let mut script = ctx.cluster.start_apiserver()?;
+    let resumed = watches_resumed(ctx, &m, &ns).await;
+    let started = tokio::task::spawn_blocking(move || script.wait())
+        .await
+        .map_err(|e| e.to_string())?;
+    if !started.as_ref().is_ok_and(|s| s.success()) {
+        return Err(format!("control-plane.sh start-apiserver: {started:?}"));
+    }
     result?;
-    // Changes flow again: a third pod joins. meshlet's watches resume within 5 s of the API
-    // server's return (their backoff is at most 4 s): once the EndpointSlice holds the third
-    // endpoint, meshlet has it within 5 s.
+    // meshlet's watches resume within 5 s of the API server's return (their backoff is at
+    // most 4 s).
+    let (back, after_ready) = resumed?;
+    let syncs = watch_syncs(&m.metrics().await);
+    println!(
+        "    the watches resumed {after_ready:?} after the API server answered /readyz \
+         (lists completed by the Services and EndpointSlice watches: {syncs_before:?} before, \
+         {syncs:?} after)"
+    );
+    if after_ready > Duration::from_secs(5) {
+        return Err(format!(
+            "the watches resumed {after_ready:?} after the API server's return (at most 5 s)"
+        ));
+    }
+    // Changes flow again: a third pod joins. Once the EndpointSlice holds the third endpoint,
+    // meshlet has it within 5 s.
     ctx.create_pod(&ns, app_pod("web-2", "web", &[(8080, "http")]))
         .await?;
     ctx.wait_endpoints(&ns, "web", 3).await?;
@@ -1279,6 +1304,83 @@ async fn api_server_down_keeps_traffic_flowing(ctx: &Ctx) -> TestResult {
         },
     )
     .await
+}
+
+/// `meshlet_discovery_watch_syncs_total` of the Services watch and of the EndpointSlice
+/// watches: the lists they completed.
+fn watch_syncs(metrics: &str) -> [f64; 2] {
+    ["services", "endpointslices"].map(|w| {
+        sample(
+            metrics,
+            "meshlet_discovery_watch_syncs_total",
+            &[("watch", w)],
+        )
+        .unwrap_or(0.0)
+    })
+}
+
+/// `meshlet_discovery_stale` of the Services watch and of web.`ns`:80's EndpointSlice watch.
+fn stale(metrics: &str, ns: &str) -> [Option<f64>; 2] {
+    [
+        "services".to_string(),
+        format!("endpointslices web.{ns}:80"),
+    ]
+    .map(|w| sample(metrics, "meshlet_discovery_stale", &[("watch", &w)]))
+}
+
+/// While the API server starts again: when it first answers /readyz (polled every 20 ms), and
+/// how long after that both of meshlet's failing watches work again (zero if before). A watch
+/// that can go on from its last resource version resumes without a list, and says nothing
+/// until something changes: so at once after /readyz a change is made for each watch (an
+/// annotation on the Service, an EndpointSlice of no endpoints), and a watch has resumed when
+/// it is no longer stale (it clears on the first event after its failures).
+async fn watches_resumed(ctx: &Ctx, m: &Meshlet, ns: &str) -> Result<(Instant, Duration), String> {
+    let ready = || async {
+        let req = http::Request::get("/readyz").body(Vec::new()).ok()?;
+        let answer = ctx.cluster.client.request_text(req);
+        tokio::time::timeout(Duration::from_secs(1), answer)
+            .await
+            .ok()?
+            .ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut t0, mut resumed) = (None, None);
+    while Instant::now() < deadline {
+        if t0.is_none() && ready().await.is_some() {
+            t0 = Some(Instant::now());
+            let services: Api<Service> = Api::namespaced(ctx.cluster.client.clone(), ns);
+            let poke = json!({"metadata": {"annotations": {"e2e.meshlet.dev/poke": "1"}}});
+            services
+                .patch("web", &PatchParams::default(), &Patch::Merge(&poke))
+                .await
+                .map_err(|e| format!("annotate the Service: {e}"))?;
+            let slices: Api<EndpointSlice> = Api::namespaced(ctx.cluster.client.clone(), ns);
+            let slice = json!({
+                "metadata": {"name": "web-poke", "labels": {
+                    "kubernetes.io/service-name": "web",
+                    "endpointslice.kubernetes.io/managed-by": "e2e.meshlet.dev",
+                }},
+                "addressType": "IPv4",
+                "endpoints": [],
+            });
+            let slice = serde_json::from_value(slice).map_err(|e| e.to_string())?;
+            slices
+                .create(&PostParams::default(), &slice)
+                .await
+                .map_err(|e| format!("create an EndpointSlice: {e}"))?;
+        }
+        if resumed.is_none() && stale(&m.metrics().await, ns) == [Some(0.0); 2] {
+            resumed = Some(Instant::now());
+        }
+        if let (Some(t0), Some(resumed)) = (t0, resumed) {
+            return Ok((t0, resumed.saturating_duration_since(t0)));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(format!(
+        "after 120 s: /readyz answered at {t0:?}; stale watches {:?}",
+        stale(&m.metrics().await, ns)
+    ))
 }
 
 async fn transparent_mode_in_a_pod(ctx: &Ctx) -> TestResult {

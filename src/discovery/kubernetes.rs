@@ -11,10 +11,12 @@
 //!   (or at startup for services named in the config), each service's slices in a kube
 //!   reflector store of their own. A pod never holds the endpoints of the whole cluster.
 //!
-//! Failures: the watchers reconnect with kube's default backoff; while a watch is failing the
-//! last known endpoints keep serving (a re-list replaces a set only when it completes, so an API
-//! error never empties a service), and the staleness shows in `/ready`'s detail and in the
-//! `meshlet_discovery_stale` gauge.
+//! Failures: the watchers reconnect with `WatchBackoff` (at most 4 s apart); while a watch is
+//! failing the last known endpoints keep serving (a re-list replaces a set only when it
+//! completes, so an API error never empties a service), and the staleness shows in `/ready`'s
+//! detail and in the `meshlet_discovery_stale` gauge. A reconnected watch goes on from its last
+//! resource version when the API server still has it, else lists again; each completed list
+//! counts in `meshlet_discovery_watch_syncs_total`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -468,6 +470,10 @@ impl KubeResolver {
                     self.services_changed.send_modify(|g| *g += 1);
                     synced.send_replace(true);
                     guard.take();
+                    self.metrics
+                        .discovery_syncs
+                        .with_label_values(&["services"])
+                        .inc();
                     self.mark("services", None);
                 }
                 Ok(watcher::Event::Apply(s)) => {
@@ -550,6 +556,11 @@ impl KubeResolver {
             // completes; so the set is read only then and after each later change.
             match ev {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                Ok(watcher::Event::InitDone) => self
+                    .metrics
+                    .discovery_syncs
+                    .with_label_values(&["endpointslices"])
+                    .inc(),
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(service = %target, error = %e, "EndpointSlice watch failed; keeping the last known endpoints");

@@ -163,8 +163,14 @@ impl Cluster {
         self.control("stop-apiserver")
     }
 
-    pub fn start_apiserver(&self) -> Result<(), String> {
-        self.control("start-apiserver")
+    /// Starts the API server again without waiting for it: the returned script ends once the
+    /// API server answers /readyz (polled every 0.5 s), so a test can time the return itself.
+    pub fn start_apiserver(&self) -> Result<std::process::Child, String> {
+        Command::new("bash")
+            .arg(repo().join("tests/e2e/control-plane.sh"))
+            .args(["start-apiserver", &self.dir.display().to_string()])
+            .spawn()
+            .map_err(|e| format!("control-plane.sh start-apiserver: {e}"))
     }
 
     fn control(&self, what: &str) -> Result<(), String> {
