@@ -214,9 +214,10 @@ const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// The backoff of a failing watch: from 250 ms doubling up to 4 s, each wait drawn between half
 /// and all of its step. After an API server restart the watches resume within 5 s (kube's
 /// default backoff grows to 30 s, so a restart could cost a sidecar's discovery half a minute),
-/// and the jitter keeps a fleet of sidecars from reconnecting in step. Reset (by kube's
-/// `ResetTimerBackoff`) only after a minute without errors, so that a watch that connects and
-/// fails at once is not retried at the shortest step forever.
+/// and the jitter keeps a fleet of sidecars from reconnecting in step. It starts again from
+/// 250 ms when the watch yields an event (kube's `StreamBackoff` resets it on every success), or
+/// a minute after its last wait (`ResetTimerBackoff`). A watch that fails without ever yielding
+/// an event keeps growing to the 4 s cap.
 struct WatchBackoff {
     step: Duration,
 }
