@@ -442,16 +442,6 @@ impl Balancer {
         let _ = self.metrics.connect_errors.remove_label_values(&labels);
     }
 
-    /// Removes the series of the service and of all its endpoints (the destination is being
-    /// dropped).
-    pub fn forget_all_series(&self) {
-        let list = self.endpoints.read().clone();
-        for e in list.iter() {
-            self.forget_series(e.addr);
-        }
-        let _ = self.metrics.endpoints.remove_label_values(&[&self.service]);
-    }
-
     /// Whether discovery has delivered the first full endpoint set.
     pub fn is_synced(&self) -> bool {
         *self.synced.borrow()

@@ -4,6 +4,9 @@
 //! (a configured or discovered service, or `app:<port>` inbound), endpoint address, status code
 //! and protocol. Never a path or anything else a client controls.
 
+use std::collections::HashMap;
+
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -11,6 +14,8 @@ use prometheus::{
 /// Every family the proxy records.
 pub struct Metrics {
     pub registry: Registry,
+    /// Every labelled family, for [`Metrics::forget`].
+    all: Vec<Box<dyn Forget>>,
     /// HTTP requests answered, by direction, service and status code.
     pub requests: IntCounterVec,
     /// meshlet's own answers, by reason (see `proxy::error::ProxyError::label`).
@@ -80,21 +85,61 @@ pub struct Metrics {
     pub app_probe_duration: HistogramVec,
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+/// A labelled family whose series can be dropped by one label's value.
+trait Forget: Send + Sync {
+    fn forget(&self, label: &str, value: &str);
+}
+
+impl<T: MetricVecBuilder + 'static> Forget for MetricVec<T> {
+    fn forget(&self, label: &str, value: &str) {
+        for family in self.collect() {
+            for m in family.get_metric() {
+                let labels: HashMap<&str, &str> = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name(), l.value()))
+                    .collect();
+                if labels.get(label) == Some(&value) {
+                    let _ = self.remove(&labels);
+                }
+            }
+        }
+    }
+}
+
+/// The registry being filled, and every family in it (for [`Metrics::forget`]).
+struct Families {
+    registry: Registry,
+    all: Vec<Box<dyn Forget>>,
+}
+
+impl Families {
+    fn add<T: MetricVecBuilder + 'static>(&mut self, v: &MetricVec<T>) {
+        self.registry
+            .register(Box::new(v.clone()))
+            .expect("unique metric");
+        self.all.push(Box::new(v.clone()));
+    }
+}
+
+fn counter(f: &mut Families, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("unique metric");
+    f.add(&c);
     c
 }
 
-fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+fn gauge(f: &mut Families, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("unique metric");
+    f.add(&g);
     g
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let r = Registry::new();
+        let mut r = Families {
+            registry: Registry::new(),
+            all: Vec::new(),
+        };
         let response_duration = HistogramVec::new(
             HistogramOpts::new(
                 "meshlet_response_duration_seconds",
@@ -107,18 +152,17 @@ impl Metrics {
             &["direction", "service"],
         )
         .expect("valid metric");
-        r.register(Box::new(response_duration.clone()))
-            .expect("unique metric");
+        r.add(&response_duration);
         Metrics {
             requests: counter(
-                &r,
+                &mut r,
                 "meshlet_requests_total",
                 "HTTP requests answered, by direction, service, status code and classification \
                  (success, failure, cancelled), counted when the response ends",
                 &["direction", "service", "status", "classification"],
             ),
             errors: counter(
-                &r,
+                &mut r,
                 "meshlet_errors_total",
                 "Requests meshlet answered itself instead of an endpoint, by direction, service \
                  and reason",
@@ -126,37 +170,37 @@ impl Metrics {
             ),
             response_duration,
             connections: counter(
-                &r,
+                &mut r,
                 "meshlet_connections_total",
                 "Connections accepted, by direction and protocol (http1, http2, tcp, passthrough)",
                 &["direction", "protocol"],
             ),
             open_connections: gauge(
-                &r,
+                &mut r,
                 "meshlet_open_connections",
                 "Client connections open now",
                 &["direction"],
             ),
             parked_connections: gauge(
-                &r,
+                &mut r,
                 "meshlet_parked_connections",
                 "Idle HTTP/1 client connections parked now: open, holding no HTTP state or buffers until their next byte",
                 &["direction"],
             ),
             connections_refused: counter(
-                &r,
+                &mut r,
                 "meshlet_connections_refused_total",
                 "Client connections closed at once on accept, by direction and reason (limit: the listener's max_connections)",
                 &["direction", "reason"],
             ),
             tcp_bytes: counter(
-                &r,
+                &mut r,
                 "meshlet_tcp_bytes_total",
                 "Bytes copied over opaque TCP and upgraded connections; flow is to_server or to_client",
                 &["direction", "service", "flow"],
             ),
             endpoints: gauge(
-                &r,
+                &mut r,
                 "meshlet_endpoints",
                 "Endpoints known per destination service",
                 &["service"],
@@ -168,131 +212,133 @@ impl Metrics {
                      dropped after discovery.evict_after)",
                 )
                 .expect("valid metric");
-                r.register(Box::new(g.clone())).expect("unique metric");
+                r.registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
                 g
             },
             no_endpoints: counter(
-                &r,
+                &mut r,
                 "meshlet_no_endpoints_total",
                 "Requests (http) or connections (tcp) refused because the service had no available endpoint",
                 &["direction", "service", "protocol"],
             ),
             redirect_loops: counter(
-                &r,
+                &mut r,
                 "meshlet_redirect_loops_total",
                 "Connections refused because their original destination was meshlet's own listener",
                 &["direction"],
             ),
             connect_errors: counter(
-                &r,
+                &mut r,
                 "meshlet_connect_errors_total",
                 "Failed connection attempts to endpoints",
                 &["service", "endpoint"],
             ),
             discovery_stale: gauge(
-                &r,
+                &mut r,
                 "meshlet_discovery_stale",
                 "1 while a discovery watch is failing and the last known endpoints are served",
                 &["watch"],
             ),
             discovery_errors: counter(
-                &r,
+                &mut r,
                 "meshlet_discovery_errors_total",
                 "Discovery watch errors (each is retried with backoff)",
                 &["watch"],
             ),
             discovery_syncs: counter(
-                &r,
+                &mut r,
                 "meshlet_discovery_watch_syncs_total",
                 "Full lists completed by discovery watches (at start, and on a reconnect that cannot resume from the last resource version), by watch (services, endpointslices)",
                 &["watch"],
             ),
             policy_errors: counter(
-                &r,
+                &mut r,
                 "meshlet_policy_errors_total",
                 "meshlet.dev/* annotations on Services ignored for a bad value (the default is used)",
                 &["service", "key"],
             ),
             retries: counter(
-                &r,
+                &mut r,
                 "meshlet_retries_total",
                 "Retries sent, by reason (connect, status, reset)",
                 &["service", "reason"],
             ),
             retries_skipped: counter(
-                &r,
+                &mut r,
                 "meshlet_retries_skipped_total",
                 "Retryable answers not retried, by reason (budget, retry_after, attempts, body)",
                 &["service", "reason"],
             ),
             breaker_state: gauge(
-                &r,
+                &mut r,
                 "meshlet_endpoint_breaker_state",
                 "Circuit breaker state per endpoint: 0 closed, 1 open (ejected), 2 half-open",
                 &["service", "endpoint"],
             ),
             breaker_transitions: counter(
-                &r,
+                &mut r,
                 "meshlet_breaker_transitions_total",
                 "Circuit breaker transitions (ejected, restored, probe_failed, suppressed)",
                 &["service", "transition"],
             ),
             dedup_coalesced: counter(
-                &r,
+                &mut r,
                 "meshlet_dedup_coalesced_total",
                 "Requests answered from an identical in-flight request's upstream answer",
                 &["service"],
             ),
             dedup_saved: counter(
-                &r,
+                &mut r,
                 "meshlet_dedup_saved_total",
                 "Upstream requests not made thanks to deduplication",
                 &["service"],
             ),
             timeouts: counter(
-                &r,
+                &mut r,
                 "meshlet_timeouts_total",
                 "Requests ended because the request timeout or grpc-timeout passed (504 before the response head, the stream cut after it)",
                 &["direction", "service"],
             ),
             protocol_detect: counter(
-                &r,
+                &mut r,
                 "meshlet_protocol_detect_total",
                 "Protocol decisions on accepted connections: http1, h2, tcp (by the client's first bytes), timeout (the client stayed silent), declared (no detection)",
                 &["direction", "result"],
             ),
             idle_timeouts: counter(
-                &r,
+                &mut r,
                 "meshlet_idle_timeouts_total",
                 "Requests ended because no byte moved either way for http.stream_idle_timeout",
                 &["direction", "service"],
             ),
             inbound_refused: counter(
-                &r,
+                &mut r,
                 "meshlet_inbound_refused_total",
                 "Inbound requests refused at once by a limit (concurrency, rate)",
                 &["limit"],
             ),
             inbound_connections_refused: counter(
-                &r,
+                &mut r,
                 "meshlet_inbound_connections_refused_total",
                 "Inbound connections closed unforwarded: to meshlet's own ports (meshlet_port) or to an address not of this pod (not_local)",
                 &["reason"],
             ),
             dependency_state: gauge(
-                &r,
+                &mut r,
                 "meshlet_dependency_state",
                 "1 for a dependency's current state (unknown, healthy, degraded, unhealthy), 0 for the others",
                 &["dependency", "state"],
             ),
             dependency_transitions: counter(
-                &r,
+                &mut r,
                 "meshlet_dependency_transitions_total",
                 "Dependency state changes (after hysteresis), by the state changed to",
                 &["dependency", "to"],
             ),
             app_probes: counter(
-                &r,
+                &mut r,
                 "meshlet_app_probes_total",
                 "The app's original kubelet probes run by meshlet, by result (success, failure)",
                 &["container", "probe", "result"],
@@ -309,10 +355,20 @@ impl Metrics {
                     &["container", "probe"],
                 )
                 .expect("valid metric");
-                r.register(Box::new(h.clone())).expect("unique metric");
+                r.add(&h);
                 h
             },
-            registry: r,
+            registry: r.registry,
+            all: r.all,
+        }
+    }
+
+    /// Drops every series whose `label` is `value` (a destination that is gone: its service,
+    /// its dependency), so that what a sidecar once talked to does not stay in its memory and
+    /// in every scrape.
+    pub fn forget(&self, label: &str, value: &str) {
+        for family in &self.all {
+            family.forget(label, value);
         }
     }
 

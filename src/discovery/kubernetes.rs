@@ -335,6 +335,20 @@ impl Index {
     }
 }
 
+/// When a slice watch ends (its destination was evicted), its staleness record and series go
+/// with it.
+struct WatchEnded<'a> {
+    resolver: &'a KubeResolver,
+    watch: &'a str,
+}
+
+impl Drop for WatchEnded<'_> {
+    fn drop(&mut self) {
+        self.resolver.health().failing.remove(self.watch);
+        self.resolver.metrics.forget("watch", self.watch);
+    }
+}
+
 pub struct KubeResolver {
     client: kube::Client,
     index: Arc<RwLock<Index>>,
@@ -512,6 +526,10 @@ impl KubeResolver {
     /// Follows one service's EndpointSlices and sends the changes of its effective endpoint set.
     async fn watch_slices(self: Arc<Self>, target: ServiceRef, tx: mpsc::UnboundedSender<Update>) {
         let label = format!("endpointslices {target}");
+        let _ended = WatchEnded {
+            resolver: &self,
+            watch: &label,
+        };
         // The port name comes from the Service, so wait for the first list of Services.
         let mut synced = self.services_synced.clone();
         if synced.wait_for(|s| *s).await.is_err() {

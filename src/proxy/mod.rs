@@ -1048,7 +1048,24 @@ mod eviction_tests {
         let name = |s: &str| ServiceRef::parse(s).unwrap();
         p.pinned_service(&name("kept.prod"));
         let a = p.service(&name("a.prod"));
-        drop(p.service(&name("b.prod")));
+        let b = p.service(&name("b.prod"));
+        b.route.wait_synced().await;
+        // It served a request: counted by status, in the latency histogram, with its endpoint.
+        b.record_request(::http::StatusCode::OK, http::outcome::Class::Success, None);
+        b.duration.observe(0.001);
+        let text = metrics.render();
+        for family in [
+            "requests_total",
+            "response_duration_seconds_count",
+            "endpoints",
+        ] {
+            let series = format!("meshlet_{family}{{");
+            let b_series = text
+                .lines()
+                .filter(|l| l.starts_with(&series) && l.contains("service=\"b.prod\""));
+            assert_eq!(b_series.count(), 1, "{family}: {text}");
+        }
+        drop(b);
         assert_eq!(metrics.destinations.get(), 3);
         let t0 = Instant::now();
         // Used recently: nothing goes.
@@ -1064,7 +1081,9 @@ mod eviction_tests {
             .collect();
         assert_eq!(left, HashSet::from(["kept.prod".into(), "a.prod".into()]));
         assert_eq!(metrics.destinations.get(), 2);
-        assert!(!metrics.render().contains("service=\"b.prod\""));
+        // None of its series is left (a sidecar that touched many services keeps none of them).
+        let text = metrics.render();
+        assert!(!text.contains("b.prod"), "{text}");
         drop(a);
         assert_eq!(p.evict_unused(later), 1);
         assert_eq!(metrics.destinations.get(), 1);

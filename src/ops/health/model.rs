@@ -418,6 +418,16 @@ impl Model {
             });
         }
         deps.sort_by(|a, b| a.name.cmp(&b.name));
+        // A dependency no longer observed (its destination was evicted) is forgotten, with its
+        // series: the model's memory follows the destinations in use.
+        let metrics = &self.metrics;
+        self.tracks.retain(|name, _| {
+            let keep = deps.binary_search_by(|d| d.name.as_str().cmp(name)).is_ok();
+            if !keep {
+                metrics.forget("dependency", name);
+            }
+            keep
+        });
         Snapshot { dependencies: deps }
     }
 }
@@ -527,6 +537,24 @@ mod tests {
         );
         let (s, reason) = judge(false, true, true, e(1, 0), None, &none);
         assert_eq!((s, reason.as_str()), (State::Healthy, "1 endpoint ready"));
+    }
+
+    #[test]
+    fn a_dependency_no_longer_observed_is_forgotten_with_its_series() {
+        let metrics = Arc::new(Metrics::new());
+        let mut m = Model::new(settings(Duration::ZERO), metrics.clone());
+        let t0 = Instant::now();
+        m.evaluate(vec![obs(State::Healthy, false)], t0);
+        assert!(metrics.render().contains("dependency=\"db.default\""));
+        // Its destination was evicted: the next tick does not see it.
+        let s = m.evaluate(Vec::new(), t0 + Duration::from_secs(1));
+        assert!(s.dependencies.is_empty());
+        assert!(m.tracks.is_empty());
+        assert!(
+            !metrics.render().contains("db.default"),
+            "{}",
+            metrics.render()
+        );
     }
 
     #[test]

@@ -313,17 +313,11 @@ impl Destination {
         }
     }
 
-    /// Removes the series this destination created and its endpoints' (it is being dropped).
-    /// The per-status request counters of a service that was used stay: they are history.
+    /// Removes every series that names this destination (it is being dropped), its endpoints'
+    /// and its request counters included: a sidecar that touched many services once keeps
+    /// none of their series in its memory or its scrapes.
     pub(in crate::proxy) fn forget_series(&self) {
-        let labels = [self.direction.as_str(), &*self.service];
-        let m = &self.metrics;
-        let _ = m.response_duration.remove_label_values(&labels);
-        let _ = m.timeouts.remove_label_values(&labels);
-        let _ = m.idle_timeouts.remove_label_values(&labels);
-        if let Route::Balanced(b) = &self.route {
-            b.forget_all_series();
-        }
+        self.metrics.forget("service", &self.service);
     }
 
     pub(crate) fn byte_counters(&self) -> crate::proxy::tcp::ByteCounters {
