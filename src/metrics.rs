@@ -87,11 +87,11 @@ pub struct Metrics {
 
 /// A labelled family whose series can be dropped by one label's value.
 trait Forget: Send + Sync {
-    fn forget(&self, label: &str, value: &str);
+    fn forget(&self, label: &str, gone: &dyn Fn(&str) -> bool);
 }
 
 impl<T: MetricVecBuilder + 'static> Forget for MetricVec<T> {
-    fn forget(&self, label: &str, value: &str) {
+    fn forget(&self, label: &str, gone: &dyn Fn(&str) -> bool) {
         for family in self.collect() {
             for m in family.get_metric() {
                 let labels: HashMap<&str, &str> = m
@@ -99,7 +99,7 @@ impl<T: MetricVecBuilder + 'static> Forget for MetricVec<T> {
                     .iter()
                     .map(|l| (l.name(), l.value()))
                     .collect();
-                if labels.get(label) == Some(&value) {
+                if labels.get(label).is_some_and(|v| gone(v)) {
                     let _ = self.remove(&labels);
                 }
             }
@@ -363,12 +363,13 @@ impl Metrics {
         }
     }
 
-    /// Drops every series whose `label` is `value` (a destination that is gone: its service,
-    /// its dependency), so that what a sidecar once talked to does not stay in its memory and
-    /// in every scrape.
-    pub fn forget(&self, label: &str, value: &str) {
+    /// Drops every series whose `label` has a value `gone` accepts (destinations that are gone:
+    /// their services, their dependencies), so that what a sidecar once talked to does not stay
+    /// in its memory and in every scrape. It walks every series once: call it once for a batch,
+    /// never once per value, and never under a lock the data path takes.
+    pub fn forget(&self, label: &str, gone: &dyn Fn(&str) -> bool) {
         for family in &self.all {
-            family.forget(label, value);
+            family.forget(label, gone);
         }
     }
 

@@ -345,7 +345,11 @@ struct WatchEnded<'a> {
 impl Drop for WatchEnded<'_> {
     fn drop(&mut self) {
         self.resolver.health().failing.remove(self.watch);
-        self.resolver.metrics.forget("watch", self.watch);
+        let _ = self
+            .resolver
+            .metrics
+            .discovery_stale
+            .remove_label_values(&[self.watch]);
     }
 }
 

@@ -420,14 +420,12 @@ impl Model {
         deps.sort_by(|a, b| a.name.cmp(&b.name));
         // A dependency no longer observed (its destination was evicted) is forgotten, with its
         // series: the model's memory follows the destinations in use.
-        let metrics = &self.metrics;
-        self.tracks.retain(|name, _| {
-            let keep = deps.binary_search_by(|d| d.name.as_str().cmp(name)).is_ok();
-            if !keep {
-                metrics.forget("dependency", name);
-            }
-            keep
-        });
+        let seen = |name: &str| deps.binary_search_by(|d| d.name.as_str().cmp(name)).is_ok();
+        let before = self.tracks.len();
+        self.tracks.retain(|name, _| seen(name));
+        if self.tracks.len() < before {
+            self.metrics.forget("dependency", &|name| !seen(name));
+        }
         Snapshot { dependencies: deps }
     }
 }

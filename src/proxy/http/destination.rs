@@ -313,13 +313,6 @@ impl Destination {
         }
     }
 
-    /// Removes every series that names this destination (it is being dropped), its endpoints'
-    /// and its request counters included: a sidecar that touched many services once keeps
-    /// none of their series in its memory or its scrapes.
-    pub(in crate::proxy) fn forget_series(&self) {
-        self.metrics.forget("service", &self.service);
-    }
-
     pub(crate) fn byte_counters(&self) -> crate::proxy::tcp::ByteCounters {
         let c = |flow| {
             self.metrics.tcp_bytes.with_label_values(&[
