@@ -1037,6 +1037,24 @@ mod eviction_tests {
     use crate::discovery::Chain;
     use crate::discovery::static_list::StaticResolver;
 
+    /// A proxy over the config's static services, and its metrics.
+    fn proxy(config: &Config) -> (Arc<Proxy>, Arc<crate::metrics::Metrics>) {
+        let resolver = Arc::new(Chain {
+            first: StaticResolver::new(&config.discovery.static_services),
+            then: None,
+        });
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let p = Proxy::new(
+            config,
+            resolver,
+            metrics.clone(),
+            Default::default(),
+            Default::default(),
+            Vec::new(),
+        );
+        (p, metrics)
+    }
+
     #[tokio::test]
     async fn unused_destinations_are_dropped_with_their_watch() {
         let config = Config::parse(
@@ -1046,19 +1064,7 @@ mod eviction_tests {
              [\"127.0.0.1:2\"]\n    - service: b.prod\n      endpoints: [\"127.0.0.1:3\"]\n",
         )
         .unwrap();
-        let resolver = Arc::new(Chain {
-            first: StaticResolver::new(&config.discovery.static_services),
-            then: None,
-        });
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        let p = Proxy::new(
-            &config,
-            resolver,
-            metrics.clone(),
-            Default::default(),
-            Default::default(),
-            Vec::new(),
-        );
+        let (p, metrics) = proxy(&config);
         let name = |s: &str| ServiceRef::parse(s).unwrap();
         p.pinned_service(&name("kept.prod"));
         let a = p.service(&name("a.prod"));
@@ -1112,19 +1118,7 @@ mod eviction_tests {
     #[tokio::test]
     async fn evicting_thousands_at_once_is_one_pass_over_the_series() {
         let config = Config::parse("c.yaml", "discovery:\n  evict_after: 1m\n").unwrap();
-        let resolver = Arc::new(Chain {
-            first: StaticResolver::new(&config.discovery.static_services),
-            then: None,
-        });
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        let p = Proxy::new(
-            &config,
-            resolver,
-            metrics.clone(),
-            Default::default(),
-            Default::default(),
-            Vec::new(),
-        );
+        let (p, metrics) = proxy(&config);
         const N: usize = 3000;
         for i in 0..N {
             let d = p.service(&ServiceRef::parse(&format!("s{i}.prod")).unwrap());
