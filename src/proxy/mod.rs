@@ -275,7 +275,12 @@ impl Proxy {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            self.evict_unused(std::time::Instant::now());
+            // Off the runtime: forgetting the series of thousands of destinations walks every
+            // series (seconds at 300,000), which on a one-worker runtime would hold every
+            // connection that long.
+            let p = self.clone();
+            let _ = tokio::task::spawn_blocking(move || p.evict_unused(std::time::Instant::now()))
+                .await;
         }
     }
 

@@ -420,11 +420,23 @@ impl Model {
         deps.sort_by(|a, b| a.name.cmp(&b.name));
         // A dependency no longer observed (its destination was evicted) is forgotten, with its
         // series: the model's memory follows the destinations in use.
-        let seen = |name: &str| deps.binary_search_by(|d| d.name.as_str().cmp(name)).is_ok();
-        let before = self.tracks.len();
-        self.tracks.retain(|name, _| seen(name));
-        if self.tracks.len() < before {
-            self.metrics.forget("dependency", &|name| !seen(name));
+        let mut gone = std::collections::HashSet::new();
+        self.tracks.retain(|name, _| {
+            let seen = deps.binary_search_by(|d| d.name.cmp(name)).is_ok();
+            if !seen {
+                gone.insert(name.clone());
+            }
+            seen
+        });
+        if !gone.is_empty() {
+            let metrics = self.metrics.clone();
+            let forget = move || metrics.forget("dependency", &|name| gone.contains(name));
+            // Off the runtime when there is one: the pass over every series can take seconds
+            // after a mass eviction.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(forget)),
+                Err(_) => forget(),
+            }
         }
         Snapshot { dependencies: deps }
     }
