@@ -1,11 +1,10 @@
 //! The webhook server: AdmissionReview v1 over TLS (rustls).
 //!
-//! - `POST /mutate`: an AdmissionReview v1 in, an AdmissionReview v1 out (kube's admission
-//!   types), `allowed: true` always, with a JSON Patch (`patchType: JSONPatch`) when the pod is
-//!   meshed and the reasons and annotation problems in `warnings`. A body that is not an
-//!   AdmissionReview v1 with a request uid is answered 400 with the reason; an object that is not
-//!   a Pod, or a Pod that cannot be read, is allowed unchanged with a warning: the webhook never
-//!   blocks a pod.
+//! - `POST /mutate`: an AdmissionReview v1 in, an AdmissionReview v1 out, `allowed: true`
+//!   always, with a base64 JSON Patch (`patchType: JSONPatch`) when the pod is meshed and the
+//!   reasons and annotation problems in `warnings`. A body that is not an AdmissionReview v1 is
+//!   answered 400 with the reason; an object that is not a Pod, or a Pod that cannot be read, is
+//!   allowed unchanged with a warning: the webhook never blocks a pod.
 //! - `GET /healthz`: 200 `ok`.
 //! - `GET /metrics`: Prometheus text (`meshlet_inject_*`).
 //!
@@ -23,18 +22,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use json_patch::Patch;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::core::admission::{
-    AdmissionRequest, AdmissionResponse, AdmissionReview, META_API_VERSION_V1, META_KIND, Operation,
-};
-use kube::core::{DynamicObject, TypeMeta};
 use parking_lot::Mutex;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
@@ -155,60 +151,97 @@ impl Webhook {
     }
 
     /// Answers one AdmissionReview body: `Ok(the response review)`, or `Err(why)` when the
-    /// body is not an AdmissionReview v1 with a request uid (a 400).
-    pub fn review(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, String> {
-        let request = parse(body).inspect_err(|_| self.metrics.error("malformed_review"))?;
-        let (patch, warnings) = self.mutation(&request);
-        let mut response = AdmissionResponse::from(&request);
-        if !warnings.is_empty() {
-            response.warnings = Some(warnings);
+    /// body is not an AdmissionReview v1 (a 400).
+    pub fn review(&self, body: &[u8]) -> Result<Value, String> {
+        let review: Value = serde_json::from_slice(body).map_err(|e| {
+            self.metrics.error("malformed_review");
+            format!("the body is not JSON: {e}")
+        })?;
+        let api_version = review.get("apiVersion").and_then(Value::as_str);
+        let kind = review.get("kind").and_then(Value::as_str);
+        if api_version != Some("admission.k8s.io/v1") || kind != Some("AdmissionReview") {
+            self.metrics.error("malformed_review");
+            return Err(format!(
+                "expected an admission.k8s.io/v1 AdmissionReview, got apiVersion {} kind {}",
+                api_version.map_or("(none)".into(), |s| format!("{s:?}")),
+                kind.map_or("(none)".into(), |s| format!("{s:?}")),
+            ));
         }
-        if let Some(patch) = patch {
-            // Only serializes the patch, which is made of JSON values: it cannot fail.
-            response = response.with_patch(patch).expect("a JSON Patch serializes");
-        }
-        Ok(response.into_review())
+        let request = review.get("request").filter(|r| r.is_object());
+        let Some(uid) = request
+            .and_then(|r| r.get("uid"))
+            .and_then(Value::as_str)
+            .filter(|u| !u.is_empty())
+        else {
+            self.metrics.error("malformed_review");
+            return Err("the AdmissionReview has no request.uid".into());
+        };
+        let request = request.unwrap_or(&Value::Null);
+        let response = self.respond(request);
+        let mut response = match response {
+            Answer::Patch(ops, warnings) => {
+                let patch = serde_json::to_vec(&ops).unwrap_or_default();
+                json!({
+                    "allowed": true,
+                    "patchType": "JSONPatch",
+                    "patch": base64::engine::general_purpose::STANDARD.encode(patch),
+                    "warnings": warnings,
+                })
+            }
+            Answer::Allow(warnings) if warnings.is_empty() => json!({"allowed": true}),
+            Answer::Allow(warnings) => json!({"allowed": true, "warnings": warnings}),
+        };
+        response["uid"] = uid.into();
+        Ok(json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "response": response,
+        }))
     }
 
-    /// The patch, if the pod is to be meshed, and the warnings for the API client.
-    fn mutation(&self, request: &AdmissionRequest<DynamicObject>) -> (Option<Patch>, Vec<String>) {
-        let kind = &request.kind;
-        if !kind.group.is_empty() || kind.kind != "Pod" {
+    fn respond(&self, request: &Value) -> Answer {
+        let kind = request.get("kind").cloned().unwrap_or(Value::Null);
+        let group = kind.get("group").and_then(Value::as_str).unwrap_or("");
+        let k = kind.get("kind").and_then(Value::as_str).unwrap_or("");
+        if !group.is_empty() || k != "Pod" {
             self.metrics.error("unknown_kind");
-            let (group, version, k) = (&kind.group, &kind.version, &kind.kind);
-            let why =
-                format!("meshlet inject: {group}/{version} {k:?} is not a Pod; left unchanged");
-            return (None, vec![why]);
+            let version = kind.get("version").and_then(Value::as_str).unwrap_or("");
+            return Answer::Allow(vec![format!(
+                "meshlet inject: {group}/{version} {k:?} is not a Pod; left unchanged"
+            )]);
         }
-        if request
-            .sub_resource
-            .as_deref()
-            .is_some_and(|s| !s.is_empty())
-        {
-            self.metrics.skip("subresource");
-            return (None, Vec::new());
+        if let Some(sub) = request.get("subResource").and_then(Value::as_str) {
+            if !sub.is_empty() {
+                self.metrics.skip("subresource");
+                return Answer::Allow(Vec::new());
+            }
         }
-        if request.operation != Operation::Create {
+        let operation = request.get("operation").and_then(Value::as_str);
+        if operation.is_some_and(|o| o != "CREATE") {
             self.metrics.skip("not a create");
-            return (None, Vec::new());
+            return Answer::Allow(Vec::new());
         }
-        let Some(object) = &request.object else {
-            self.metrics.error("unparsable_pod");
-            let why = "meshlet inject: the request has no object; not meshed";
-            return (None, vec![why.into()]);
-        };
-        // Not DynamicObject::try_parse: its error would reword serde's in the warning.
-        let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
-            Ok(p) => p,
-            Err(e) => {
+        let pod: Pod = match request
+            .get("object")
+            .map(|o| serde_json::from_value::<Pod>(o.clone()))
+        {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
                 self.metrics.error("unparsable_pod");
-                let why = format!("meshlet inject: cannot read the pod ({e}); not meshed");
-                return (None, vec![why]);
+                return Answer::Allow(vec![format!(
+                    "meshlet inject: cannot read the pod ({e}); not meshed"
+                )]);
+            }
+            None => {
+                self.metrics.error("unparsable_pod");
+                return Answer::Allow(vec![
+                    "meshlet inject: the request has no object; not meshed".into(),
+                ]);
             }
         };
         let ns_name = request
-            .namespace
-            .as_deref()
+            .get("namespace")
+            .and_then(Value::as_str)
             .or(pod.metadata.namespace.as_deref())
             .unwrap_or("");
         let namespace = if ns_name.is_empty() {
@@ -223,15 +256,15 @@ impl Webhook {
                     .into_iter()
                     .map(|w| format!("meshlet inject: {w}"))
                     .collect();
-                (Some(ops), warnings)
+                Answer::Patch(ops, warnings)
             }
             Outcome::Skip(reason) => {
                 self.metrics.skip(&reason);
                 // Not opting in is the normal case for most pods: no noise for it.
                 if reason == patch::SKIP_NOT_OPTED_IN {
-                    (None, Vec::new())
+                    Answer::Allow(Vec::new())
                 } else {
-                    (None, vec![format!("meshlet inject: not meshed: {reason}")])
+                    Answer::Allow(vec![format!("meshlet inject: not meshed: {reason}")])
                 }
             }
         }
@@ -279,32 +312,9 @@ impl Webhook {
     }
 }
 
-/// The request of an AdmissionReview v1 body, or why there is none.
-fn parse(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
-    // The type first, so that another kind or version (say v1beta1) is named as such rather
-    // than by the first of its fields that v1 lacks.
-    let types: TypeMeta = serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            format!("expected an admission.k8s.io/v1 AdmissionReview: {e}")
-        }
-        _ => format!("the body is not JSON: {e}"),
-    })?;
-    if types.api_version != META_API_VERSION_V1 || types.kind != META_KIND {
-        return Err(format!(
-            "expected an admission.k8s.io/v1 AdmissionReview, got apiVersion {:?} kind {:?}",
-            types.api_version, types.kind
-        ));
-    }
-    let review: AdmissionReview<DynamicObject> =
-        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body))
-            .map_err(|e| format!("the AdmissionReview is not valid: {e}"))?;
-    let request: AdmissionRequest<_> = review
-        .try_into()
-        .map_err(|_| "the AdmissionReview has no request")?;
-    if request.uid.is_empty() {
-        return Err("the AdmissionReview has no request.uid".into());
-    }
-    Ok(request)
+enum Answer {
+    Patch(Vec<Value>, Vec<String>),
+    Allow(Vec<String>),
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -614,7 +624,6 @@ pub fn main(args: InjectArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{Value, json};
 
     fn webhook() -> Webhook {
         let ns: Namespace = serde_json::from_value(json!({
@@ -634,9 +643,7 @@ mod tests {
             "request": {
                 "uid": "u-1",
                 "kind": {"group": "", "version": "v1", "kind": kind},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
                 "operation": "CREATE",
-                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
                 "namespace": namespace,
                 "object": object,
             }
@@ -644,40 +651,38 @@ mod tests {
         .unwrap()
     }
 
-    /// The response to a valid review.
-    fn respond(w: &Webhook, body: &[u8]) -> AdmissionResponse {
-        w.review(body).unwrap().response.unwrap()
-    }
-
     #[test]
     fn namespace_opt_in_and_reasons() {
         let w = webhook();
         let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}]}});
-        let meshed = w.review(&review("meshed", "Pod", pod.clone())).unwrap();
-        let wire = serde_json::to_value(&meshed).unwrap();
-        assert_eq!(wire["apiVersion"], "admission.k8s.io/v1");
-        assert_eq!(wire["response"]["uid"], "u-1");
-        assert_eq!(wire["response"]["allowed"], true);
-        assert_eq!(wire["response"]["patchType"], "JSONPatch");
-        assert!(meshed.response.unwrap().patch.is_some());
-        let r = respond(&w, &review("plain", "Pod", pod));
+        let r = w.review(&review("meshed", "Pod", pod.clone())).unwrap();
+        assert_eq!(r["response"]["uid"], "u-1");
+        assert_eq!(r["response"]["patchType"], "JSONPatch");
+        let r = w.review(&review("plain", "Pod", pod)).unwrap();
+        assert_eq!(r["response"], json!({"uid": "u-1", "allowed": true}));
+        let r = w.review(&review("meshed", "Service", json!({}))).unwrap();
+        assert_eq!(r["response"]["allowed"], true);
         assert!(
-            r.allowed && r.patch.is_none() && r.warnings.is_none(),
-            "{r:?}"
+            r["response"]["warnings"][0]
+                .as_str()
+                .unwrap()
+                .contains("not a Pod")
         );
-        let r = respond(&w, &review("meshed", "Service", json!({})));
-        assert!(r.allowed);
-        assert!(r.warnings.unwrap()[0].contains("not a Pod"));
-        let r = respond(&w, &review("meshed", "Pod", json!({"spec": 5})));
-        assert!(r.warnings.unwrap()[0].contains("cannot read the pod"));
+        let r = w
+            .review(&review("meshed", "Pod", json!({"spec": 5})))
+            .unwrap();
+        assert!(
+            r["response"]["warnings"][0]
+                .as_str()
+                .unwrap()
+                .contains("cannot read the pod")
+        );
         assert!(w.review(b"{").unwrap_err().contains("not JSON"));
         assert!(
             w.review(b"{\"kind\":\"Pod\"}")
                 .unwrap_err()
                 .contains("AdmissionReview")
         );
-        let v1beta1 = br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#;
-        assert!(w.review(v1beta1).unwrap_err().contains("v1beta1"));
         let m = w.metrics.render();
         assert!(m.contains("meshlet_inject_injected_total 1\n"), "{m}");
         assert!(
