@@ -109,18 +109,30 @@ fn run_target(target: &str, work: &Path) -> Result<String, String> {
     std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
     let seeds = repo().join("fuzz/corpus").join(target);
     let target_dir = target_dir();
+    let regressions = repo().join("fuzz/regressions").join(target);
     let max_time = format!("-max_total_time={SECONDS_PER_TARGET}");
     let started = Instant::now();
-    let out = nightly(&[
+    let (target_dir, corpus, seeds, regressions) = (
+        target_dir.to_string_lossy(),
+        corpus.to_string_lossy(),
+        seeds.to_string_lossy(),
+        regressions.to_string_lossy(),
+    );
+    let mut args = vec![
         "fuzz",
         "run",
         "--sanitizer",
         "none",
         "--target-dir",
-        &target_dir.to_string_lossy(),
+        &target_dir,
         target,
-        &corpus.to_string_lossy(),
-        &seeds.to_string_lossy(),
+        &corpus,
+        &seeds,
+    ];
+    if Path::new(regressions.as_ref()).is_dir() {
+        args.push(&regressions);
+    }
+    args.extend([
         "--",
         &max_time,
         // The same mutations on every run: what this finds, it finds again (new inputs are
@@ -130,9 +142,10 @@ fn run_target(target: &str, work: &Path) -> Result<String, String> {
         "-timeout=10",
         "-rss_limit_mb=1024",
         "-print_final_stats=1",
-    ])
-    .output()
-    .map_err(|e| format!("cannot run cargo +nightly fuzz: {e}"))?;
+    ]);
+    let out = nightly(&args)
+        .output()
+        .map_err(|e| format!("cannot run cargo +nightly fuzz: {e}"))?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -149,8 +162,8 @@ fn run_target(target: &str, work: &Path) -> Result<String, String> {
         "{target}: {:.0?}, {} execs, corpus {} inputs, no crash",
         started.elapsed(),
         stat(&text, "number_of_executed_units"),
-        std::fs::read_dir(&corpus).map_or(0, |d| d.count())
-            + std::fs::read_dir(&seeds).map_or(0, |d| d.count()),
+        std::fs::read_dir(&*corpus).map_or(0, |d| d.count())
+            + std::fs::read_dir(&*seeds).map_or(0, |d| d.count()),
     ))
 }
 

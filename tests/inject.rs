@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -128,6 +127,7 @@ fn review(annotations: Value) -> Vec<u8> {
             "kind": {"group": "", "version": "v1", "kind": "Pod"},
             "resource": {"group": "", "version": "v1", "resource": "pods"},
             "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
             "namespace": "default",
             "object": {
                 "apiVersion": "v1",
@@ -158,9 +158,9 @@ async fn annotated_pod_gets_the_patch() {
     assert_eq!(r["uid"], "0d9d2b6c-1111-4c3a-9a57-000000000001");
     assert_eq!(r["allowed"], true);
     assert_eq!(r["patchType"], "JSONPatch");
-    let patch = base64::engine::general_purpose::STANDARD
-        .decode(r["patch"].as_str().unwrap())
-        .unwrap();
+    // kube's AdmissionResponse sends the patch's bytes as a JSON array of numbers, which the API
+    // server's decoder reads into the same []byte as the documented base64 string.
+    let patch: Vec<u8> = serde_json::from_value(r["patch"].clone()).unwrap();
     let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap();
     let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
     assert!(paths.contains(&"/spec/initContainers"), "{paths:?}");
@@ -195,7 +195,7 @@ async fn pod_without_the_annotation_is_allowed_unchanged() {
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
         v["response"],
-        json!({"uid": "0d9d2b6c-1111-4c3a-9a57-000000000001", "allowed": true})
+        json!({"uid": "0d9d2b6c-1111-4c3a-9a57-000000000001", "allowed": true, "status": {}})
     );
     let body = review(json!({"meshlet.dev/inject": "disabled"}));
     let (_, body, _) = call(&s, "POST", "/mutate", body).await;
@@ -229,7 +229,8 @@ async fn malformed_review_is_a_400() {
     .unwrap();
     let (status, body, _) = call(&s, "POST", "/mutate", no_uid).await;
     assert_eq!(status, 400);
-    assert!(String::from_utf8_lossy(&body).contains("request.uid"));
+    let text = String::from_utf8_lossy(&body).to_string();
+    assert!(text.contains("request: missing field `uid`"), "{text}");
     // Still serving.
     let (status, _, _) = call(&s, "GET", "/healthz", Vec::new()).await;
     assert_eq!(status, 200);

@@ -17,7 +17,6 @@
 
 use std::sync::Arc;
 
-use base64::Engine as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use libfuzzer_sys::fuzz_target;
 use meshlet::config::Config;
@@ -160,6 +159,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(answer) = webhook.review(data) else {
         return;
     };
+    let answer = serde_json::to_value(answer).expect("a review serializes");
     let input = String::from_utf8_lossy(data);
     let review: Value = serde_json::from_slice(data).expect("review() accepted it as JSON");
     let request = &review["request"];
@@ -173,9 +173,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert_eq!(response["patchType"], "JSONPatch");
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(encoded.as_str().expect("the patch is a string"))
-        .expect("the patch is base64");
+    // kube's AdmissionResponse sends the bytes as a JSON array of numbers (read by the API
+    // server as the same []byte as the documented base64 string).
+    let bytes: Vec<u8> = serde_json::from_value(encoded.clone()).expect("the patch is bytes");
     let ops: json_patch::Patch = serde_json::from_slice(&bytes).expect("the patch is a JSON Patch");
 
     let mut pod = request["object"].clone();

@@ -20,6 +20,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use serde_json::{Map, Value, json};
 
@@ -90,15 +92,10 @@ impl Default for InjectConfig {
 /// What to do with a pod.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// The JSON Patch operations and the warnings (bad annotation values, conflicts).
-    Patch(Vec<Value>, Vec<String>),
+    /// The JSON Patch and the warnings (bad annotation values, conflicts).
+    Patch(Patch, Vec<String>),
     /// Leave the pod alone, for this reason (one of the `SKIP_*` constants).
     Skip(String),
-}
-
-/// Escapes one reference token of a JSON Pointer (RFC 6901).
-pub fn escape(token: &str) -> String {
-    token.replace('~', "~0").replace('/', "~1")
 }
 
 fn annotations_of(
@@ -229,10 +226,9 @@ pub fn inject(pod: &Pod, namespace: Option<&Namespace>, cfg: &InjectConfig) -> O
                     "scheme": "HTTP",
                 }),
             );
-            ops.push(json!({
-                "op": "replace",
-                "path": format!("/spec/containers/{i}/{field}"),
-                "value": Value::Object(rewritten),
+            ops.push(PatchOperation::Replace(ReplaceOperation {
+                path: PointerBuf::from_tokens(["spec", "containers", &i.to_string(), field]),
+                value: Value::Object(rewritten),
             }));
             entry.insert(key.into(), Value::Object(probe.clone()));
         }
@@ -257,14 +253,14 @@ pub fn inject(pod: &Pod, namespace: Option<&Namespace>, cfg: &InjectConfig) -> O
     }
     if has_inits {
         for (i, c) in first_inits.into_iter().enumerate() {
-            ops.push(json!({"op": "add", "path": format!("/spec/initContainers/{i}"), "value": c}));
+            ops.push(add(["spec", "initContainers", &i.to_string()], c));
         }
     } else {
-        ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": first_inits}));
+        ops.push(add(["spec", "initContainers"], first_inits.into()));
     }
     // 3. Classic mode: the sidecar first among the regular containers.
     if !cfg.native_sidecars {
-        ops.push(json!({"op": "add", "path": "/spec/containers/0", "value": proxy}));
+        ops.push(add(["spec", "containers", "0"], proxy));
     }
     // 4. The proxy's config, when there is one.
     if let Some(cm) = &cfg.proxy_config_map {
@@ -275,9 +271,9 @@ pub fn inject(pod: &Pod, namespace: Option<&Namespace>, cfg: &InjectConfig) -> O
             .and_then(Value::as_array)
             .is_some()
         {
-            ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+            ops.push(add(["spec", "volumes", "-"], volume));
         } else {
-            ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]}));
+            ops.push(add(["spec", "volumes"], json!([volume])));
         }
     }
     // 5. The record of the injection.
@@ -290,20 +286,23 @@ pub fn inject(pod: &Pod, namespace: Option<&Namespace>, cfg: &InjectConfig) -> O
             (ANNOTATION_INJECTED, "true"),
             (ANNOTATION_VERSION, cfg.version.as_str()),
         ] {
-            ops.push(json!({
-                "op": "add",
-                "path": format!("/metadata/annotations/{}", escape(k)),
-                "value": v,
-            }));
+            ops.push(add(["metadata", "annotations", k], v.into()));
         }
     } else {
-        ops.push(json!({
-            "op": "add",
-            "path": "/metadata/annotations",
-            "value": {ANNOTATION_INJECTED: "true", ANNOTATION_VERSION: cfg.version},
-        }));
+        ops.push(add(
+            ["metadata", "annotations"],
+            json!({ANNOTATION_INJECTED: "true", ANNOTATION_VERSION: cfg.version}),
+        ));
     }
-    Outcome::Patch(ops, b.warnings)
+    Outcome::Patch(Patch(ops), b.warnings)
+}
+
+/// An `add` at the path of these (unescaped) tokens.
+fn add<'t>(tokens: impl IntoIterator<Item = &'t str>, value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(tokens),
+        value,
+    })
 }
 
 /// The name of a probe's named port that the container does not declare, if any.
@@ -770,12 +769,6 @@ mod tests {
     }
 
     #[test]
-    fn pointer_escaping() {
-        assert_eq!(escape("meshlet.dev/injected"), "meshlet.dev~1injected");
-        assert_eq!(escape("a~b/c"), "a~0b~1c");
-    }
-
-    #[test]
     fn quantities() {
         assert_eq!(quantity("10m"), Some(0.01));
         assert_eq!(quantity("64Mi"), Some(64.0 * 1024.0 * 1024.0));
@@ -858,6 +851,7 @@ mod tests {
             text.contains("proxy-memory-limit: \"64Mi\" is below the request"),
             "{text}"
         );
+        let ops = serde_json::to_value(ops).unwrap();
         let proxy = &ops[0]["value"][1];
         assert_eq!(proxy["name"], PROXY_NAME);
         assert_eq!(
@@ -888,7 +882,7 @@ mod tests {
             let Outcome::Patch(ops, warnings) = inject(p, n, &InjectConfig::default()) else {
                 panic!("not injected");
             };
-            let env = ops[0]["value"][1]["env"].clone();
+            let env = serde_json::to_value(ops).unwrap()[0]["value"][1]["env"].clone();
             let value = env
                 .as_array()
                 .unwrap()
@@ -1024,8 +1018,7 @@ mod tests {
             };
             // Apply it as the API server would; the result must be a pod, meshed, and final.
             let mut doc = serde_json::to_value(&pod).unwrap();
-            let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
-            json_patch::patch(&mut doc, &patch).unwrap_or_else(|e| panic!("{name}: {e}"));
+            json_patch::patch(&mut doc, &ops).unwrap_or_else(|e| panic!("{name}: {e}"));
             let meshed: Pod = serde_json::from_value(doc).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(
                 inject(&meshed, ns.as_ref(), &cfg),

@@ -1,10 +1,11 @@
 //! The webhook server: AdmissionReview v1 over TLS (rustls).
 //!
-//! - `POST /mutate`: an AdmissionReview v1 in, an AdmissionReview v1 out, `allowed: true`
-//!   always, with a base64 JSON Patch (`patchType: JSONPatch`) when the pod is meshed and the
-//!   reasons and annotation problems in `warnings`. A body that is not an AdmissionReview v1 is
-//!   answered 400 with the reason; an object that is not a Pod, or a Pod that cannot be read, is
-//!   allowed unchanged with a warning: the webhook never blocks a pod.
+//! - `POST /mutate`: an AdmissionReview v1 in, an AdmissionReview v1 out (kube's admission
+//!   types), `allowed: true` always, with a JSON Patch (`patchType: JSONPatch`) when the pod is
+//!   meshed and the reasons and annotation problems in `warnings`. A body that is not an
+//!   AdmissionReview v1 with a request uid is answered 400 with the reason; an object that is not
+//!   a Pod, or a Pod that cannot be read, is allowed unchanged with a warning: the webhook never
+//!   blocks a pod.
 //! - `GET /healthz`: 200 `ok`.
 //! - `GET /metrics`: Prometheus text (`meshlet_inject_*`).
 //!
@@ -22,15 +23,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use json_patch::Patch;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::core::admission::{
+    AdmissionRequest, AdmissionResponse, AdmissionReview, META_API_VERSION_V1, META_KIND, Operation,
+};
+use kube::core::{DynamicObject, TypeMeta};
 use parking_lot::Mutex;
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
@@ -151,97 +157,66 @@ impl Webhook {
     }
 
     /// Answers one AdmissionReview body: `Ok(the response review)`, or `Err(why)` when the
-    /// body is not an AdmissionReview v1 (a 400).
-    pub fn review(&self, body: &[u8]) -> Result<Value, String> {
-        let review: Value = serde_json::from_slice(body).map_err(|e| {
-            self.metrics.error("malformed_review");
-            format!("the body is not JSON: {e}")
-        })?;
-        let api_version = review.get("apiVersion").and_then(Value::as_str);
-        let kind = review.get("kind").and_then(Value::as_str);
-        if api_version != Some("admission.k8s.io/v1") || kind != Some("AdmissionReview") {
-            self.metrics.error("malformed_review");
-            return Err(format!(
-                "expected an admission.k8s.io/v1 AdmissionReview, got apiVersion {} kind {}",
-                api_version.map_or("(none)".into(), |s| format!("{s:?}")),
-                kind.map_or("(none)".into(), |s| format!("{s:?}")),
-            ));
+    /// body is not an AdmissionReview v1 with a request uid (a 400).
+    pub fn review(&self, body: &[u8]) -> Result<AdmissionReview<DynamicObject>, String> {
+        let (request, object) =
+            parse(body).inspect_err(|_| self.metrics.error("malformed_review"))?;
+        let (patch, warnings) = self.mutation(&request, object);
+        let mut response = AdmissionResponse::from(&request);
+        if !warnings.is_empty() {
+            response.warnings = Some(warnings);
         }
-        let request = review.get("request").filter(|r| r.is_object());
-        let Some(uid) = request
-            .and_then(|r| r.get("uid"))
-            .and_then(Value::as_str)
-            .filter(|u| !u.is_empty())
-        else {
-            self.metrics.error("malformed_review");
-            return Err("the AdmissionReview has no request.uid".into());
-        };
-        let request = request.unwrap_or(&Value::Null);
-        let response = self.respond(request);
-        let mut response = match response {
-            Answer::Patch(ops, warnings) => {
-                let patch = serde_json::to_vec(&ops).unwrap_or_default();
-                json!({
-                    "allowed": true,
-                    "patchType": "JSONPatch",
-                    "patch": base64::engine::general_purpose::STANDARD.encode(patch),
-                    "warnings": warnings,
-                })
-            }
-            Answer::Allow(warnings) if warnings.is_empty() => json!({"allowed": true}),
-            Answer::Allow(warnings) => json!({"allowed": true, "warnings": warnings}),
-        };
-        response["uid"] = uid.into();
-        Ok(json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "response": response,
-        }))
+        if let Some(patch) = patch {
+            // Only serializes the patch, which is made of JSON values: it cannot fail.
+            response = response.with_patch(patch).expect("a JSON Patch serializes");
+        }
+        Ok(response.into_review())
     }
 
-    fn respond(&self, request: &Value) -> Answer {
-        let kind = request.get("kind").cloned().unwrap_or(Value::Null);
-        let group = kind.get("group").and_then(Value::as_str).unwrap_or("");
-        let k = kind.get("kind").and_then(Value::as_str).unwrap_or("");
-        if !group.is_empty() || k != "Pod" {
+    /// The patch, if the pod is to be meshed, and the warnings for the API client.
+    /// `object` is the request's object as sent: the pod is read from it, not from the
+    /// `DynamicObject`, which can lose a field on the way (see `parse`).
+    fn mutation(
+        &self,
+        request: &AdmissionRequest<DynamicObject>,
+        object: Option<Value>,
+    ) -> (Option<Patch>, Vec<String>) {
+        let kind = &request.kind;
+        if !kind.group.is_empty() || kind.kind != "Pod" {
             self.metrics.error("unknown_kind");
-            let version = kind.get("version").and_then(Value::as_str).unwrap_or("");
-            return Answer::Allow(vec![format!(
-                "meshlet inject: {group}/{version} {k:?} is not a Pod; left unchanged"
-            )]);
+            let (group, version, k) = (&kind.group, &kind.version, &kind.kind);
+            let why =
+                format!("meshlet inject: {group}/{version} {k:?} is not a Pod; left unchanged");
+            return (None, vec![why]);
         }
-        if let Some(sub) = request.get("subResource").and_then(Value::as_str) {
-            if !sub.is_empty() {
-                self.metrics.skip("subresource");
-                return Answer::Allow(Vec::new());
-            }
-        }
-        let operation = request.get("operation").and_then(Value::as_str);
-        if operation.is_some_and(|o| o != "CREATE") {
-            self.metrics.skip("not a create");
-            return Answer::Allow(Vec::new());
-        }
-        let pod: Pod = match request
-            .get("object")
-            .map(|o| serde_json::from_value::<Pod>(o.clone()))
+        if request
+            .sub_resource
+            .as_deref()
+            .is_some_and(|s| !s.is_empty())
         {
-            Some(Ok(p)) => p,
-            Some(Err(e)) => {
+            self.metrics.skip("subresource");
+            return (None, Vec::new());
+        }
+        if request.operation != Operation::Create {
+            self.metrics.skip("not a create");
+            return (None, Vec::new());
+        }
+        let Some(object) = object.filter(|o| !o.is_null()) else {
+            self.metrics.error("unparsable_pod");
+            let why = "meshlet inject: the request has no object; not meshed";
+            return (None, vec![why.into()]);
+        };
+        let pod: Pod = match serde_json::from_value(object) {
+            Ok(p) => p,
+            Err(e) => {
                 self.metrics.error("unparsable_pod");
-                return Answer::Allow(vec![format!(
-                    "meshlet inject: cannot read the pod ({e}); not meshed"
-                )]);
-            }
-            None => {
-                self.metrics.error("unparsable_pod");
-                return Answer::Allow(vec![
-                    "meshlet inject: the request has no object; not meshed".into(),
-                ]);
+                let why = format!("meshlet inject: cannot read the pod ({e}); not meshed");
+                return (None, vec![why]);
             }
         };
         let ns_name = request
-            .get("namespace")
-            .and_then(Value::as_str)
+            .namespace
+            .as_deref()
             .or(pod.metadata.namespace.as_deref())
             .unwrap_or("");
         let namespace = if ns_name.is_empty() {
@@ -256,15 +231,15 @@ impl Webhook {
                     .into_iter()
                     .map(|w| format!("meshlet inject: {w}"))
                     .collect();
-                Answer::Patch(ops, warnings)
+                (Some(ops), warnings)
             }
             Outcome::Skip(reason) => {
                 self.metrics.skip(&reason);
                 // Not opting in is the normal case for most pods: no noise for it.
                 if reason == patch::SKIP_NOT_OPTED_IN {
-                    Answer::Allow(Vec::new())
+                    (None, Vec::new())
                 } else {
-                    Answer::Allow(vec![format!("meshlet inject: not meshed: {reason}")])
+                    (None, vec![format!("meshlet inject: not meshed: {reason}")])
                 }
             }
         }
@@ -312,9 +287,43 @@ impl Webhook {
     }
 }
 
-enum Answer {
-    Patch(Vec<Value>, Vec<String>),
-    Allow(Vec<String>),
+/// The request of an AdmissionReview v1 body and its object as sent, or why there is none.
+///
+/// The object is kept as JSON because `DynamicObject` is not a faithful copy of it: its
+/// flattened `TypeMeta` takes `apiVersion` and, when `kind` is missing, drops both, so an
+/// object of `apiVersion: v0` without a kind would read as a Pod. The fuzz target found it.
+fn parse(body: &[u8]) -> Result<(AdmissionRequest<DynamicObject>, Option<Value>), String> {
+    // JSON is UTF-8 (RFC 8259). serde skips the fields it ignores without checking them, so a
+    // body with invalid bytes there would otherwise pass as a review.
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(format!("the body is not JSON: not UTF-8 ({e})"));
+    }
+    // The type first, so that another kind or version (say v1beta1) is named as such rather
+    // than by the first of its fields that v1 lacks.
+    let mut body: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    let types: TypeMeta = TypeMeta::deserialize(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            format!("expected an admission.k8s.io/v1 AdmissionReview: {e}")
+        }
+        _ => format!("the body is not JSON: {e}"),
+    })?;
+    if types.api_version != META_API_VERSION_V1 || types.kind != META_KIND {
+        return Err(format!(
+            "expected an admission.k8s.io/v1 AdmissionReview, got apiVersion {:?} kind {:?}",
+            types.api_version, types.kind
+        ));
+    }
+    let object = body.pointer_mut("/request/object").map(Value::take);
+    let review: AdmissionReview<DynamicObject> = serde_path_to_error::deserialize(&body)
+        .map_err(|e| format!("the AdmissionReview is not valid: {e}"))?;
+    let request: AdmissionRequest<_> = review
+        .try_into()
+        .map_err(|_| "the AdmissionReview has no request")?;
+    if request.uid.is_empty() {
+        return Err("the AdmissionReview has no request.uid".into());
+    }
+    Ok((request, object))
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -624,6 +633,7 @@ pub fn main(args: InjectArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
 
     fn webhook() -> Webhook {
         let ns: Namespace = serde_json::from_value(json!({
@@ -643,7 +653,9 @@ mod tests {
             "request": {
                 "uid": "u-1",
                 "kind": {"group": "", "version": "v1", "kind": kind},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
                 "operation": "CREATE",
+                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
                 "namespace": namespace,
                 "object": object,
             }
@@ -651,31 +663,53 @@ mod tests {
         .unwrap()
     }
 
+    /// The response to a valid review.
+    fn respond(w: &Webhook, body: &[u8]) -> AdmissionResponse {
+        w.review(body).unwrap().response.unwrap()
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_is_not_a_review() {
+        let w = webhook();
+        let pod = json!({"metadata": {"name": "p", "annotations": {"x": "y"}},
+                         "spec": {"containers": [{"name": "a"}]}});
+        let mut body = review("meshed", "Pod", pod);
+        let at = body.windows(3).position(|b| b == b"\"x\"").unwrap() + 1;
+        body[at] = 0xff;
+        let e = w.review(&body).unwrap_err();
+        assert!(e.contains("not JSON") && e.contains("UTF-8"), "{e}");
+    }
+
     #[test]
     fn namespace_opt_in_and_reasons() {
         let w = webhook();
         let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}]}});
-        let r = w.review(&review("meshed", "Pod", pod.clone())).unwrap();
-        assert_eq!(r["response"]["uid"], "u-1");
-        assert_eq!(r["response"]["patchType"], "JSONPatch");
-        let r = w.review(&review("plain", "Pod", pod)).unwrap();
-        assert_eq!(r["response"], json!({"uid": "u-1", "allowed": true}));
-        let r = w.review(&review("meshed", "Service", json!({}))).unwrap();
-        assert_eq!(r["response"]["allowed"], true);
+        let meshed = w.review(&review("meshed", "Pod", pod.clone())).unwrap();
+        let wire = serde_json::to_value(&meshed).unwrap();
+        assert_eq!(wire["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(wire["response"]["uid"], "u-1");
+        assert_eq!(wire["response"]["allowed"], true);
+        assert_eq!(wire["response"]["patchType"], "JSONPatch");
+        assert!(meshed.response.unwrap().patch.is_some());
+        let r = respond(&w, &review("plain", "Pod", pod));
         assert!(
-            r["response"]["warnings"][0]
-                .as_str()
-                .unwrap()
-                .contains("not a Pod")
+            r.allowed && r.patch.is_none() && r.warnings.is_none(),
+            "{r:?}"
         );
-        let r = w
-            .review(&review("meshed", "Pod", json!({"spec": 5})))
-            .unwrap();
+        let r = respond(&w, &review("meshed", "Service", json!({})));
+        assert!(r.allowed);
+        assert!(r.warnings.unwrap()[0].contains("not a Pod"));
+        let r = respond(&w, &review("meshed", "Pod", json!({"spec": 5})));
+        assert!(r.warnings.unwrap()[0].contains("cannot read the pod"));
+        // Read as a DynamicObject, this lost its apiVersion and passed as a Pod (fuzz find).
+        let v0 = json!({"apiVersion": "v0", "metadata": {"name": "p"},
+                        "spec": {"containers": [{"name": "a"}]}});
+        let r = respond(&w, &review("meshed", "Pod", v0));
+        assert!(r.patch.is_none(), "{r:?}");
+        let why = &r.warnings.unwrap()[0];
         assert!(
-            r["response"]["warnings"][0]
-                .as_str()
-                .unwrap()
-                .contains("cannot read the pod")
+            why.contains("cannot read the pod") && why.contains("v0"),
+            "{why}"
         );
         assert!(w.review(b"{").unwrap_err().contains("not JSON"));
         assert!(
@@ -683,6 +717,8 @@ mod tests {
                 .unwrap_err()
                 .contains("AdmissionReview")
         );
+        let v1beta1 = br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#;
+        assert!(w.review(v1beta1).unwrap_err().contains("v1beta1"));
         let m = w.metrics.render();
         assert!(m.contains("meshlet_inject_injected_total 1\n"), "{m}");
         assert!(
