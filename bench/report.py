@@ -23,7 +23,8 @@ import re
 import statistics
 import sys
 
-TARGETS = ["direct", "meshlet", "haproxy"]
+# "baseline" is there only when run.sh had MESHLET_BASELINE_BIN; absent targets are skipped.
+TARGETS = ["direct", "meshlet", "baseline", "haproxy"]
 # oha counts requests still in flight at the -z deadline as errors with this message.
 OHA_DEADLINE = "aborted due to deadline"
 
@@ -170,8 +171,8 @@ def report(work):
     sat = {}  # (proto, target) -> parsed
     problems = []
     for name in sorted(os.listdir(res)):
-        m = re.fullmatch(r"(http|grpc)-r(\d+)-q(\d+)-(direct|meshlet|haproxy)\.json", name)
-        s = re.fullmatch(r"(http|grpc)-sat-(direct|meshlet|haproxy)\.json", name)
+        m = re.fullmatch(r"(http|grpc)-r(\d+)-q(\d+)-(direct|meshlet|baseline|haproxy)\.json", name)
+        s = re.fullmatch(r"(http|grpc)-sat-(direct|meshlet|baseline|haproxy)\.json", name)
         if not (m or s):
             continue
         proto = (m or s).group(1)
@@ -197,7 +198,8 @@ def report(work):
       f"load average (1/5/15 min) {env.get('loadavg_start', '?')} at start, {env.get('loadavg_end', '?')} at end"
       f"{during_s}.")
     if runs or sat:
-        w(f"- Method: {env.get('rounds', '?')} alternating rounds (direct, meshlet, haproxy) of "
+        order = ", ".join(t for t in TARGETS if any(k[-1] == t for k in list(runs) + list(sat)))
+        w(f"- Method: {env.get('rounds', '?')} alternating rounds ({order}) of "
           f"{env.get('seconds', '?')} s per fixed rate, {env.get('conns', '?')} connections; medians over rounds; "
           f"\"added\" = target minus direct in the same round, then the median. Load generator on CPU 0, "
           f"backends and proxies on CPU 1 (taskset); meshlet `workers: 1`, HAProxy `nbthread 1`. "
@@ -205,6 +207,8 @@ def report(work):
     vers = [f"meshlet {env.get('meshlet', '?')}"]
     if env.get("meshlet_prebuilt"):
         vers[0] += f" (BENCH_NO_BUILD: {env['meshlet_prebuilt']}; the git revision is the work tree's, not the binary's)"
+    if env.get("baseline_prebuilt"):
+        vers.append(f"baseline meshlet {env.get('baseline', '?')} ({env['baseline_prebuilt']})")
     if runs or sat:
         vers.append(f"HAProxy {env.get('haproxy', '?')}")
     if runs or sat or any(n.startswith("stack-r") for n in os.listdir(res)):

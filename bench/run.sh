@@ -48,6 +48,9 @@ BENCH_BACKEND_DELAY_MS=${BENCH_BACKEND_DELAY_MS:-50}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 MESHLET_BIN=${MESHLET_BIN:-$REPO/target/release/meshlet}
+# Another meshlet build (say the commit before a change) measured as a fourth target,
+# "baseline", in the same rounds as the others: a before/after comparison in one run.
+MESHLET_BASELINE_BIN=${MESHLET_BASELINE_BIN:-}
 HAPROXY_BIN=${HAPROXY_BIN:-/usr/sbin/haproxy}
 NGINX_BIN=${NGINX_BIN:-/usr/sbin/nginx}
 export PATH="$HOME/.cargo/bin:$HOME/go/bin:/usr/local/go/bin:$PATH"
@@ -62,6 +65,10 @@ P_MESH_HTTP_ADMIN=$((BENCH_PORT_BASE + 190))
 P_MESH_GRPC=$((BENCH_PORT_BASE + 101))
 P_MESH_GRPC_ADMIN=$((BENCH_PORT_BASE + 191))
 P_HAP_HTTP=$((BENCH_PORT_BASE + 200))
+P_BASE_HTTP=$((BENCH_PORT_BASE + 102))       # MESHLET_BASELINE_BIN
+P_BASE_HTTP_ADMIN=$((BENCH_PORT_BASE + 196))
+P_BASE_GRPC=$((BENCH_PORT_BASE + 103))
+P_BASE_GRPC_ADMIN=$((BENCH_PORT_BASE + 197))
 P_HAP_GRPC=$((BENCH_PORT_BASE + 201))
 P_SLOW1=$((BENCH_PORT_BASE + 61))           # the slow backend (BENCH_DEDUP)
 P_SLOW2=$((BENCH_PORT_BASE + 62))
@@ -229,6 +236,14 @@ if [ "$BENCH_NO_BUILD" = 1 ]; then
 fi
 cp "$MESHLET_BIN" "$WORK/meshlet"
 MESHLET_BIN="$WORK/meshlet"
+TARGETS="direct meshlet haproxy"
+if [ -n "$MESHLET_BASELINE_BIN" ]; then
+    [ -x "$MESHLET_BASELINE_BIN" ] || die "MESHLET_BASELINE_BIN: not an executable: $MESHLET_BASELINE_BIN"
+    MESHLET_BASELINE_BUILT="$MESHLET_BASELINE_BIN, built $(date -u -r "$MESHLET_BASELINE_BIN" '+%Y-%m-%d %H:%M UTC')"
+    cp "$MESHLET_BASELINE_BIN" "$WORK/meshlet-baseline"
+    MESHLET_BASELINE_BIN="$WORK/meshlet-baseline"
+    TARGETS="direct meshlet baseline haproxy"
+fi
 if [ "$BENCH_GRPC" = 1 ]; then
     GRPC_BACKEND_BIN="$WORK/grpc-backend"
     log "go build (bench/grpc-backend)"
@@ -245,7 +260,7 @@ fi
 for p in $P_NGINX1 $P_NGINX2 $P_GRPC1 $P_GRPC2 $P_MESH_HTTP $P_MESH_HTTP_ADMIN $P_MESH_GRPC \
     $P_MESH_GRPC_ADMIN $P_HAP_HTTP $P_HAP_GRPC $P_SLOW1 $P_SLOW2 $P_MESH_BARE $P_MESH_BARE_ADMIN \
     $P_MESH_FULL $P_MESH_FULL_ADMIN $P_MESH_DEDUP_ON $P_MESH_DEDUP_ON_ADMIN $P_MESH_DEDUP_OFF \
-    $P_MESH_DEDUP_OFF_ADMIN; do
+    $P_MESH_DEDUP_OFF_ADMIN $P_BASE_HTTP $P_BASE_HTTP_ADMIN $P_BASE_GRPC $P_BASE_GRPC_ADMIN; do
     port_free "$p"
 done
 
@@ -274,6 +289,10 @@ CLK_TCK=$(getconf CLK_TCK)
     echo "backend_delay_ms=$BENCH_BACKEND_DELAY_MS"
     echo "meshlet=$("$MESHLET_BIN" version 2>/dev/null | head -n1 | sed "s/^meshlet //") git $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && [ -n "$(git status --porcelain --untracked-files=no -- . ':(exclude)bench' 2>/dev/null)" ] && echo '+dirty')"
     echo "meshlet_prebuilt=$MESHLET_PREBUILT"
+    if [ -n "$MESHLET_BASELINE_BIN" ]; then
+        echo "baseline=$("$MESHLET_BASELINE_BIN" version 2>/dev/null | head -n1 | sed "s/^meshlet //")"
+        echo "baseline_prebuilt=$MESHLET_BASELINE_BUILT"
+    fi
     echo "haproxy=$("$HAPROXY_BIN" -v 2>&1 | head -n1 | awk '{print $3}')"
     echo "nginx=$("$NGINX_BIN" -v 2>&1 | sed 's|.*nginx/||')"
     if [ "$NEED_OHA" = 1 ]; then echo "oha=$(oha --version | awk '{print $2}')"; fi
@@ -358,9 +377,9 @@ EOF
 
 # start_meshlet NAME CONF ADMIN_PORT : start meshlet on the SUT CPU and wait for /ready (10 s);
 # its PID is left in $LAST_PID.
-start_meshlet() {
-    local name=$1 conf=$2 admin=$3 pid
-    start_bg "$name" "$BENCH_SUT_CPU" "$MESHLET_BIN" proxy --config "$conf"
+start_meshlet() { # start_meshlet NAME CONF ADMIN_PORT [BINARY]
+    local name=$1 conf=$2 admin=$3 bin=${4:-$MESHLET_BIN} pid
+    start_bg "$name" "$BENCH_SUT_CPU" "$bin" proxy --config "$conf"
     pid=$LAST_PID
     for _ in $(seq 1 100); do
         curl -fsS -o /dev/null "http://127.0.0.1:$admin/ready" 2>/dev/null && break
@@ -416,19 +435,24 @@ run_phase() {
     local proto=$1
     local -A addr pid
     local mconf="$WORK/meshlet-$proto.yaml" hconf="$WORK/haproxy-$proto.cfg"
-    local mesh_pid hap_pid mesh_admin
+    local bconf="$WORK/baseline-$proto.yaml"
+    local mesh_pid hap_pid mesh_admin base_pid=- base_admin
     if [ "$proto" = http ]; then
         write_meshlet_conf "$mconf" "$P_MESH_HTTP" "$P_MESH_HTTP_ADMIN" web.default "$P_NGINX1" "$P_NGINX2"
+        write_meshlet_conf "$bconf" "$P_BASE_HTTP" "$P_BASE_HTTP_ADMIN" web.default "$P_NGINX1" "$P_NGINX2"
         write_haproxy_conf "$hconf" "$P_HAP_HTTP" "$P_NGINX1" "$P_NGINX2" h1
         addr=([direct]="http://127.0.0.1:$P_NGINX1/" [meshlet]="http://127.0.0.1:$P_MESH_HTTP/"
-            [haproxy]="http://127.0.0.1:$P_HAP_HTTP/")
+            [baseline]="http://127.0.0.1:$P_BASE_HTTP/" [haproxy]="http://127.0.0.1:$P_HAP_HTTP/")
         mesh_admin=$P_MESH_HTTP_ADMIN
+        base_admin=$P_BASE_HTTP_ADMIN
     else
         write_meshlet_conf "$mconf" "$P_MESH_GRPC" "$P_MESH_GRPC_ADMIN" grpc.default "$P_GRPC1" "$P_GRPC2"
+        write_meshlet_conf "$bconf" "$P_BASE_GRPC" "$P_BASE_GRPC_ADMIN" grpc.default "$P_GRPC1" "$P_GRPC2"
         write_haproxy_conf "$hconf" "$P_HAP_GRPC" "$P_GRPC1" "$P_GRPC2" h2
         addr=([direct]="127.0.0.1:$P_GRPC1" [meshlet]="127.0.0.1:$P_MESH_GRPC"
-            [haproxy]="127.0.0.1:$P_HAP_GRPC")
+            [baseline]="127.0.0.1:$P_BASE_GRPC" [haproxy]="127.0.0.1:$P_HAP_GRPC")
         mesh_admin=$P_MESH_GRPC_ADMIN
+        base_admin=$P_BASE_GRPC_ADMIN
     fi
     "$HAPROXY_BIN" -c -q -f "$hconf" >"$WORK/haproxy-$proto-check.log" 2>&1 ||
         die "haproxy rejects $hconf: $(cat "$WORK/haproxy-$proto-check.log")"
@@ -438,20 +462,27 @@ run_phase() {
     hap_pid=$LAST_PID
     start_meshlet "meshlet-$proto" "$mconf" "$mesh_admin"
     mesh_pid=$LAST_PID
+    if [ -n "$MESHLET_BASELINE_BIN" ]; then
+        start_meshlet "baseline-$proto" "$bconf" "$base_admin" "$MESHLET_BASELINE_BIN"
+        base_pid=$LAST_PID
+    fi
     if [ "$proto" = http ]; then wait_port "$P_HAP_HTTP"; else wait_port "$P_HAP_GRPC"; fi
     kill -0 "$hap_pid" 2>/dev/null || die "haproxy exited: $(tail -n 5 "$WORK/haproxy-$proto.log")"
-    pid=([direct]=- [meshlet]=$mesh_pid [haproxy]=$hap_pid)
+    pid=([direct]=- [meshlet]=$mesh_pid [baseline]=$base_pid [haproxy]=$hap_pid)
     sleep 0.5
     # Idle RSS: after startup, before any request through the proxy.
     printf '%s\t%s\tidle_rss_kb\t%s\n' "$proto" meshlet "$(status_kb "$mesh_pid" VmRSS)" >>"$RES/mem.tsv"
     printf '%s\t%s\tidle_rss_kb\t%s\n' "$proto" haproxy "$(status_kb "$hap_pid" VmRSS)" >>"$RES/mem.tsv"
+    if [ "$base_pid" != - ]; then
+        printf '%s\t%s\tidle_rss_kb\t%s\n' "$proto" baseline "$(status_kb "$base_pid" VmRSS)" >>"$RES/mem.tsv"
+    fi
 
     local rates
     if [ "$proto" = http ]; then rates=$BENCH_RATES; else rates=$BENCH_GRPC_RATE; fi
     local -a cmd
     local t rate r
     # Sanity check and warm-up (discarded): every target must answer.
-    for t in direct meshlet haproxy; do
+    for t in $TARGETS; do
         if [ "$proto" = http ]; then
             curl -fsS -o /dev/null "${addr[$t]}" || die "$proto $t (${addr[$t]}) does not answer 200"
             mapfile -t cmd < <(oha_cmd "${addr[$t]}" "$BENCH_WARMUP_SECONDS" "${rates%% *}")
@@ -460,11 +491,11 @@ run_phase() {
         fi
         run_loadgen "warmup-$proto-$t" "${cmd[@]}"
     done
-    python3 "$HERE/report.py" --check-warmup "$WORK" "$proto" || die "$proto warm-up failed (see above)"
+    python3 "$HERE/report.py" --check-warmup "$WORK" "$proto" $TARGETS || die "$proto warm-up failed (see above)"
 
     for r in $(seq 1 "$BENCH_ROUNDS"); do
         for rate in $rates; do
-            for t in direct meshlet haproxy; do
+            for t in $TARGETS; do
                 log "$proto round $r/$BENCH_ROUNDS rate $rate: $t"
                 if [ "$proto" = http ]; then
                     mapfile -t cmd < <(oha_cmd "${addr[$t]}" "$BENCH_SECONDS" "$rate")
@@ -476,7 +507,7 @@ run_phase() {
             done
         done
     done
-    for t in direct meshlet haproxy; do
+    for t in $TARGETS; do
         log "$proto saturation (unthrottled, ${BENCH_SAT_SECONDS}s): $t"
         if [ "$proto" = http ]; then
             mapfile -t cmd < <(oha_cmd "${addr[$t]}" "$BENCH_SAT_SECONDS" 0)
@@ -488,6 +519,11 @@ run_phase() {
     done
     printf '%s\t%s\tpeak_rss_kb\t%s\n' "$proto" meshlet "$(status_kb "$mesh_pid" VmHWM)" >>"$RES/mem.tsv"
     printf '%s\t%s\tpeak_rss_kb\t%s\n' "$proto" haproxy "$(status_kb "$hap_pid" VmHWM)" >>"$RES/mem.tsv"
+    if [ "$base_pid" != - ]; then
+        printf '%s\t%s\tpeak_rss_kb\t%s\n' "$proto" baseline "$(status_kb "$base_pid" VmHWM)" >>"$RES/mem.tsv"
+        kill -0 "$base_pid" 2>/dev/null || die "the baseline meshlet died during the $proto phase"
+        stop_pid "$base_pid"
+    fi
     kill -0 "$mesh_pid" 2>/dev/null || die "meshlet died during the $proto phase"
     kill -0 "$hap_pid" 2>/dev/null || die "haproxy died during the $proto phase"
     stop_pid "$mesh_pid"
