@@ -13,6 +13,9 @@ pub mod limits;
 pub mod proxy;
 pub mod socket;
 
+// Identity: the client of `meshlet identity` (and, next, the rustls configs of the mTLS hop).
+pub mod tls;
+
 // Its inputs: the config file, the pod settings table and per-destination policy; discovery.
 pub mod config;
 pub mod discovery;
@@ -27,9 +30,16 @@ pub mod readiness;
 pub mod app;
 
 // Separate programs in the same binary, never imported by the proxy: `meshlet init` (the
-// iptables rules) and `meshlet inject` (the admission webhook).
+// iptables rules), `meshlet inject` (the admission webhook) and `meshlet identity` (the
+// certificate authority).
+pub mod identity;
 pub mod init;
 pub mod inject;
+
+// Generated gRPC code for meshlet's own protocols (proto/), and what the side programs start
+// with (logs, runtime, signals).
+pub mod program;
+pub mod proto;
 
 /// The version printed by `meshlet version` and reported on the admin server.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -48,6 +48,9 @@ enum Command {
     Init(meshlet::init::InitArgs),
     /// Serve the mutating admission webhook that meshes pods by annotation.
     Inject(meshlet::inject::server::InjectArgs),
+    /// Serve the mesh's certificate authority: signs short-lived SPIFFE certificates for
+    /// sidecars that prove their ServiceAccount with a projected token.
+    Identity(meshlet::identity::server::IdentityArgs),
     /// Wait until the local proxy is ready (`/ready/proxy` on the admin port): the classic
     /// sidecar's postStart hook, so that the app never starts before its proxy.
     WaitReady {
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Command::Init(args) => meshlet::init::run(&args),
         Command::WaitReady { timeout, admin } => wait_ready(admin, timeout),
         Command::Inject(args) => meshlet::inject::server::main(args),
+        Command::Identity(args) => meshlet::identity::server::main(args),
     }
 }
 

@@ -178,18 +178,10 @@ fn version_prints() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("meshlet 0."));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     let slow = Backend::start("slow", Duration::from_millis(1500)).await;
-    let (admin, upstream) = (free_port(), free_port());
+    let (admin, upstream) = (support::free_port(), support::free_port());
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         &dir,
@@ -268,7 +260,7 @@ async fn wait_ready_waits_for_the_proxy_and_gives_up_in_time() {
     );
 
     // Nothing listens there: it gives up after the timeout, saying so.
-    let nobody = free_port();
+    let nobody = support::free_port();
     let t0 = Instant::now();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(BIN)
@@ -362,7 +354,7 @@ impl Drop for Proxy {
 async fn a_second_signal_during_the_drain_exits_at_once() {
     // A request that holds the drain open for a minute.
     let slow = Backend::start("slow", Duration::from_secs(60)).await;
-    let (admin, upstream) = (free_port(), free_port());
+    let (admin, upstream) = (support::free_port(), support::free_port());
     let mut proxy = Proxy::start(&format!(
         "admin:\n  listen: 127.0.0.1:{admin}\nupstreams:\n  - listen: 127.0.0.1:{upstream}\n    service: web.default\ndiscovery:\n  static:\n    - service: web.default\n      endpoints: [\"{}\"]\nshutdown_grace: 10m\n",
         slow.addr
@@ -425,7 +417,7 @@ async fn a_second_signal_during_the_drain_exits_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_largest_durations_allowed_survive_the_first_connections() {
     let b = Backend::start("a", Duration::ZERO).await;
-    let (admin, upstream) = (free_port(), free_port());
+    let (admin, upstream) = (support::free_port(), support::free_port());
     let max = "1year";
     let policy = [
         "timeout",
@@ -485,7 +477,7 @@ async fn an_admin_server_on_the_unspecified_ipv6_address_serves_ipv4_too() {
         println!("skipping: the kernel has IPv6 disabled");
         return;
     }
-    let admin = free_port();
+    let admin = support::free_port();
     let mut proxy = Proxy::start(&format!("admin:\n  listen: \"[::]:{admin}\"\n"));
     let v4: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     let v6: SocketAddr = format!("[::1]:{admin}").parse().unwrap();

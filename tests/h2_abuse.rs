@@ -635,33 +635,13 @@ async fn a_client_cancelling_some_streams_is_not_cut_off() {
     );
 }
 
-/// A child process, killed (and reaped) if still running when dropped.
-struct Process(std::process::Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The built binary, as a user runs it: SIGTERM with a stream still open, and the process
 /// exits when the grace is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_open_past_the_shutdown_grace_gets_goaway_before_the_close() {
     let (backend, counts, _stop) = backend().await;
     let grace = Duration::from_millis(500);
-    let (admin, upstream) = (free_port(), free_port());
+    let (admin, upstream) = (support::free_port(), support::free_port());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.yaml");
     std::fs::write(
@@ -680,7 +660,7 @@ async fn a_stream_open_past_the_shutdown_grace_gets_goaway_before_the_close() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut child = Process(child);
+    let mut child = support::Process(child);
     let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     eventually("meshlet ready", Duration::from_secs(10), || async {
         matches!(support::admin_get(admin, "/ready").await, Ok((200, _)))

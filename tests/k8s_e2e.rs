@@ -9,6 +9,7 @@ mod harness;
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -96,6 +97,49 @@ impl Ctx {
             },
         )
         .await
+    }
+
+    /// Creates ServiceAccount `sa` in `ns` and writes a kubeconfig that authenticates as it (a
+    /// token from the TokenRequest API, an hour long), for a process that must run with only
+    /// the permissions a manifest grants.
+    async fn service_account_kubeconfig(&self, ns: &str, sa: &str) -> Result<PathBuf, String> {
+        use k8s_openapi::api::authentication::v1::TokenRequest;
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let sas: Api<ServiceAccount> = Api::namespaced(self.cluster.client.clone(), ns);
+        let account: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap();
+        sas.create(&PostParams::default(), &account)
+            .await
+            .map_err(|e| format!("create sa {sa}: {e}"))?;
+        let tr: TokenRequest =
+            serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
+                .unwrap();
+        let token = sas
+            .create_token_request(sa, &PostParams::default(), &tr)
+            .await
+            .map_err(|e| format!("token request: {e}"))?
+            .status
+            .ok_or("no token")?
+            .token;
+        let admin = std::fs::read_to_string(&self.cluster.kubeconfig).map_err(|e| e.to_string())?;
+        let line = |key: &str| {
+            admin
+                .lines()
+                .find(|l| l.trim_start().starts_with(key))
+                .map(|l| l.trim().to_string())
+                .unwrap_or_default()
+        };
+        let kubeconfig = self.cluster.dir.join(format!("{ns}-{sa}.kubeconfig"));
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    {}\n    {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
+                line("server:"),
+                line("certificate-authority-data:")
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(kubeconfig)
     }
 
     /// meshlet in this process with Kubernetes discovery and an upstream listener per service.
@@ -1618,8 +1662,6 @@ async fn readiness_follows_a_critical_dependency(ctx: &Ctx) -> TestResult {
 /// by manifests/meshlet-proxy-rbac.yaml, discovery works; without it, meshlet stays unready; and
 /// the token can do nothing else (listing pods is forbidden).
 async fn least_privilege_rbac_is_enough(ctx: &Ctx) -> TestResult {
-    use k8s_openapi::api::authentication::v1::TokenRequest;
-    use k8s_openapi::api::core::v1::ServiceAccount;
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 
     let ns = ctx.namespace("rbac").await?;
@@ -1633,39 +1675,7 @@ async fn least_privilege_rbac_is_enough(ctx: &Ctx) -> TestResult {
     ctx.wait_endpoints(&ns, "web", 1).await?;
 
     let client = ctx.cluster.client.clone();
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "app"}})).unwrap();
-    sas.create(&PostParams::default(), &sa)
-        .await
-        .map_err(|e| format!("create sa: {e}"))?;
-    let tr: TokenRequest =
-        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
-            .unwrap();
-    let token = sas
-        .create_token_request("app", &PostParams::default(), &tr)
-        .await
-        .map_err(|e| format!("token request: {e}"))?
-        .status
-        .ok_or("no token")?
-        .token;
-    let admin = std::fs::read_to_string(&ctx.cluster.kubeconfig).map_err(|e| e.to_string())?;
-    let line = |key: &str| {
-        admin
-            .lines()
-            .find(|l| l.trim_start().starts_with(key))
-            .map(|l| l.trim().to_string())
-            .unwrap_or_default()
-    };
-    let kubeconfig = ctx.cluster.dir.join(format!("{ns}-sa.kubeconfig"));
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    {}\n    {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
-            line("server:"),
-            line("certificate-authority-data:")
-        ),
-    )
-    .map_err(|e| e.to_string())?;
+    let kubeconfig = ctx.service_account_kubeconfig(&ns, "app").await?;
 
     // The token alone can do nothing: list pods is forbidden.
     let sa_client = meshlet::discovery::kubernetes::KubeResolver::client(Some(&kubeconfig)).await?;
@@ -1743,6 +1753,374 @@ async fn least_privilege_rbac_is_enough(ctx: &Ctx) -> TestResult {
     Ok(())
 }
 
+/// Creates the object `v` describes through `api`; an error names its kind and name.
+async fn create<K>(api: &Api<K>, v: serde_json::Value) -> Result<K, String>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
+    K::DynamicType: Default,
+{
+    let what = format!(
+        "{} {}",
+        K::kind(&K::DynamicType::default()),
+        v["metadata"]["name"]
+    );
+    let object: K = serde_json::from_value(v).map_err(|e| format!("{what}: {e}"))?;
+    api.create(&PostParams::default(), &object)
+        .await
+        .map_err(|e| format!("create {what}: {e}"))
+}
+
+/// A trust anchor and an issuer signed by it, as PEM: (anchor, issuer certificate, issuer key).
+fn test_issuer() -> (String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let ca = |name: &str| {
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root = ca("e2e trust anchor");
+    let anchor = root.self_signed(&root_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let issuer = ca("e2e issuer")
+        .signed_by(&key, &Issuer::new(root, root_key))
+        .unwrap();
+    (anchor.pem(), issuer.pem(), key.serialize_pem())
+}
+
+/// A projected-style token for ServiceAccount `sa`, for `audience`, bound to `pod` if given
+/// (as the kubelet asks for one through the TokenRequest API).
+async fn sa_token(
+    ctx: &Ctx,
+    ns: &str,
+    sa: &str,
+    audience: &str,
+    pod: Option<&Pod>,
+) -> Result<String, String> {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let mut spec = json!({"audiences": [audience], "expirationSeconds": 3600});
+    if let Some(p) = pod {
+        spec["boundObjectRef"] = json!({
+            "kind": "Pod", "apiVersion": "v1",
+            "name": p.metadata.name, "uid": p.metadata.uid,
+        });
+    }
+    let tr: TokenRequest = serde_json::from_value(json!({ "spec": spec })).unwrap();
+    let sas: Api<ServiceAccount> = Api::namespaced(ctx.cluster.client.clone(), ns);
+    Ok(sas
+        .create_token_request(sa, &PostParams::default(), &tr)
+        .await
+        .map_err(|e| format!("token request for {sa}: {e}"))?
+        .status
+        .ok_or("no token")?
+        .token)
+}
+
+/// `meshlet identity` with the least privilege (its own ServiceAccount may create TokenReviews
+/// and read the issuer Secret, nothing else) signs for a pod-bound token of the right audience
+/// and refuses every other token and every bad CSR, each with its gRPC status and a log line.
+async fn identity_service_signs_for_bound_tokens_only(ctx: &Ctx) -> TestResult {
+    use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    use meshlet::tls::client::{CallError, Endpoint};
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+
+    let ns = ctx.namespace("identity").await?;
+    let client = ctx.cluster.client.clone();
+
+    // The issuer Secret, as the chart makes it, and another Secret it must not be able to read.
+    let (anchor, chain, key) = test_issuer();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    create(
+        &secrets,
+        json!({
+            "metadata": {"name": "meshlet-identity-issuer"},
+            "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": chain, "tls.key": key, "ca.crt": anchor},
+        }),
+    )
+    .await?;
+    create(
+        &secrets,
+        json!({"metadata": {"name": "not-yours"}, "stringData": {"x": "y"}}),
+    )
+    .await?;
+
+    // Its permissions: create TokenReviews; get that one Secret.
+    let kubeconfig = ctx
+        .service_account_kubeconfig(&ns, "meshlet-identity")
+        .await?;
+    let subject = json!([{"kind": "ServiceAccount", "name": "meshlet-identity", "namespace": ns}]);
+    let rbac = "rbac.authorization.k8s.io";
+    create(&Api::<ClusterRole>::all(client.clone()), json!({
+        "metadata": {"name": format!("{ns}-identity")},
+        "rules": [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}],
+    }))
+    .await?;
+    create(
+        &Api::<ClusterRoleBinding>::all(client.clone()),
+        json!({
+            "metadata": {"name": format!("{ns}-identity")},
+            "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": format!("{ns}-identity")},
+            "subjects": subject,
+        }),
+    )
+    .await?;
+    create(&Api::<Role>::namespaced(client.clone(), &ns), json!({
+        "metadata": {"name": "identity-issuer"},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["meshlet-identity-issuer"], "verbs": ["get"]}],
+    }))
+    .await?;
+    create(
+        &Api::<RoleBinding>::namespaced(client.clone(), &ns),
+        json!({
+            "metadata": {"name": "identity-issuer"},
+            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "identity-issuer"},
+            "subjects": subject,
+        }),
+    )
+    .await?;
+    let restricted =
+        meshlet::discovery::kubernetes::KubeResolver::client(Some(&kubeconfig)).await?;
+    match Api::<Secret>::namespaced(restricted, &ns)
+        .get("not-yours")
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 403 => {}
+        other => {
+            return Err(format!(
+                "the identity service's token reads another Secret: {other:?}"
+            ));
+        }
+    }
+
+    // A workload: ServiceAccount cart, pod cart-0 running as it.
+    create(
+        &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+        json!({"metadata": {"name": "cart"}}),
+    )
+    .await?;
+    let mut pod = app_pod("cart-0", "cart", &[(8080, "http")]);
+    pod["spec"]["serviceAccountName"] = json!("cart");
+    ctx.create_pod(&ns, pod).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let cart = pods.get("cart-0").await.map_err(|e| e.to_string())?;
+
+    let (port, admin_port) = (support::free_port(), support::free_port());
+    let log = ctx.cluster.dir.join(format!("{ns}-identity.log"));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_meshlet"))
+        .args([
+            "identity",
+            "--namespace",
+            &ns,
+            "--cert-ttl",
+            "1h",
+            "--kubeconfig",
+        ])
+        .arg(&kubeconfig)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+        .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| format!("meshlet identity: {e}"))?;
+    let _child = support::Process(child);
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    wait_for(
+        "meshlet identity ready",
+        Duration::from_secs(30),
+        || async {
+            matches!(support::admin_get(admin, "/ready").await, Ok((200, _))).then_some(())
+        },
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "{e}; log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    })?;
+
+    let endpoint = Endpoint {
+        address: format!("127.0.0.1:{port}"),
+        server_name: format!("meshlet-identity.{ns}.svc"),
+        anchors: vec![CertificateDer::from_pem_slice(anchor.as_bytes()).unwrap()],
+        timeout: Duration::from_secs(10),
+    };
+    let csr = |names: &[String]| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        for n in names {
+            p.subject_alt_names
+                .push(rcgen::SanType::URI(n.clone().try_into().unwrap()));
+        }
+        p.serialize_request(&key).unwrap().der().to_vec()
+    };
+    let want = format!("spiffe://cluster.local/ns/{ns}/sa/cart");
+
+    // The good case: a token bound to the pod, for the service's audience.
+    let token = sa_token(ctx, &ns, "cart", "meshlet.dev/identity", Some(&cart)).await?;
+    let signed = endpoint
+        .certify(&token, &csr(std::slice::from_ref(&want)))
+        .await
+        .map_err(|e| e.to_string())?;
+    if signed.spiffe_id != want {
+        return Err(format!("signed for {}, not {want}", signed.spiffe_id));
+    }
+    let ca = meshlet::identity::ca::Ca::new(
+        meshlet::identity::ca::IssuerPem {
+            chain: chain.as_bytes(),
+            key: key.as_bytes(),
+            anchors: anchor.as_bytes(),
+        },
+        "cluster.local",
+        Duration::from_secs(3600),
+        Duration::ZERO,
+    )?;
+    let issued = meshlet::identity::ca::Issued {
+        leaf: CertificateDer::from(signed.leaf_der.clone()),
+        intermediates: signed
+            .intermediates_der
+            .iter()
+            .map(|d| CertificateDer::from(d.clone()))
+            .collect(),
+        not_after: std::time::UNIX_EPOCH + Duration::from_secs(signed.not_after_unix as u64),
+    };
+    ca.verify(&issued, std::time::SystemTime::now())?;
+    let left = signed.not_after_unix
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+    if !(3500..=3600).contains(&left) {
+        return Err(format!(
+            "the certificate has {left} s left, not about an hour"
+        ));
+    }
+
+    // Every refusal: the status code and the reason the caller sees.
+    let refused = |case: &str,
+                   r: Result<meshlet::proto::identity::v1::CertifyResponse, CallError>,
+                   code: tonic::Code,
+                   reason: &str| match r {
+        Err(CallError::Refused { status, .. })
+            if status.code() == code && status.message().contains(reason) =>
+        {
+            Ok(())
+        }
+        Err(other) => Err(format!("{case}: wanted {code:?} \"{reason}\", got {other}")),
+        Ok(r) => Err(format!(
+            "{case}: wanted {code:?} \"{reason}\", got a certificate for {}",
+            r.spiffe_id
+        )),
+    };
+    let other_audience = sa_token(ctx, &ns, "cart", "other", Some(&cart)).await?;
+    let unbound = sa_token(ctx, &ns, "cart", "meshlet.dev/identity", None).await?;
+    let someone_else = csr(&["spiffe://cluster.local/ns/kube-system/sa/admin".to_string()]);
+    use tonic::Code::{InvalidArgument, Unauthenticated};
+    let cases: [(&str, &str, Vec<u8>, tonic::Code, &str); 6] = [
+        (
+            "a token for another audience",
+            &other_audience,
+            csr(&[]),
+            Unauthenticated,
+            "does not accept the token",
+        ),
+        (
+            "a token bound to no pod",
+            &unbound,
+            csr(&[]),
+            Unauthenticated,
+            "not bound to a pod",
+        ),
+        (
+            "not a token",
+            "not-a-token",
+            csr(&[]),
+            Unauthenticated,
+            "does not accept the token",
+        ),
+        (
+            "a CSR for someone else",
+            &token,
+            someone_else,
+            InvalidArgument,
+            "the CSR asks for spiffe://cluster.local/ns/kube-system/sa/admin",
+        ),
+        (
+            "a garbage CSR",
+            &token,
+            b"garbage".to_vec(),
+            InvalidArgument,
+            "not a PKCS#10 request",
+        ),
+        (
+            "an oversized CSR",
+            &token,
+            vec![0x30; 9000],
+            InvalidArgument,
+            "more than the 8192",
+        ),
+    ];
+    for (case, token, csr, code, reason) in cases {
+        refused(case, endpoint.certify(token, &csr).await, code, reason)?;
+    }
+    // A token of a pod that is gone: the API server no longer accepts it.
+    let deleted = Instant::now();
+    ctx.delete_pod(&ns, "cart-0").await?;
+    wait_for("cart-0 gone", Duration::from_secs(30), || async {
+        matches!(pods.get_opt("cart-0").await, Ok(None)).then_some(())
+    })
+    .await?;
+    // The API server checks the pod in its informer cache, which learns of the deletion a
+    // moment after the object is gone: poll for the refusal.
+    wait_for(
+        "the token of the deleted pod refused",
+        Duration::from_secs(30),
+        || async {
+            refused(
+                "the token of a deleted pod",
+                endpoint.certify(&token, &csr(&[])).await,
+                tonic::Code::Unauthenticated,
+                "does not accept the token",
+            )
+            .ok()
+        },
+    )
+    .await?;
+    println!(
+        "    the deleted pod's token refused {:?} after the delete",
+        deleted.elapsed()
+    );
+
+    let (_, metrics) = support::admin_get(admin, "/metrics").await?;
+    let count = |name: &str| metric(&metrics, name).unwrap_or(-1.0) as i64;
+    let issued = count("meshlet_identity_certificates_issued_total");
+    let unauthenticated = count("meshlet_identity_refused_total{code=\"unauthenticated\"}");
+    let invalid = count("meshlet_identity_refused_total{code=\"invalid_argument\"}");
+    // The deleted pod's token may have been signed for a few polls more before it was refused.
+    if issued < 1 || unauthenticated < 4 || invalid != 3 {
+        return Err(format!(
+            "issued {issued}, unauthenticated {unauthenticated}, invalid {invalid}:\n{metrics}"
+        ));
+    }
+    let text = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+    let refusals = text.matches("certificate refused").count() as i64;
+    if refusals != unauthenticated + invalid || text.contains(&token) {
+        return Err(format!(
+            "{refusals} refusals logged (want {}), token in the log: {}\n{text}",
+            unauthenticated + invalid,
+            text.contains(&token)
+        ));
+    }
+    Ok(())
+}
+
 /// Cancels the token when dropped (so a failing test still stops its meshlet).
 fn scopeguard(t: tokio_util::sync::CancellationToken) -> impl Drop {
     struct G(tokio_util::sync::CancellationToken);
@@ -1798,6 +2176,7 @@ fn main() {
         trial!(named_ports_two_ports_and_headless),
         trial!(transparent_mode_in_a_pod),
         trial!(least_privilege_rbac_is_enough),
+        trial!(identity_service_signs_for_bound_tokens_only),
         trial!(breaker_from_service_annotations),
         trial!(dedup_from_service_annotation_follows_changes),
         trial!(invalid_annotation_is_ignored_and_counted),

@@ -534,16 +534,7 @@ async fn namespace_watch() -> Result<NamespaceLookup, String> {
 
 /// `meshlet inject`: runs the webhook until SIGTERM or SIGINT.
 pub fn main(args: InjectArgs) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if args.log_json {
-        logs.json().try_init()
-    } else {
-        logs.try_init()
-    };
+    crate::program::init_logs(args.log_json);
     let certs = match CertReloader::new(&args.tls_cert, &args.tls_key) {
         Ok(c) => c,
         Err(e) => {
@@ -566,16 +557,9 @@ pub fn main(args: InjectArgs) -> ExitCode {
         version: crate::VERSION.to_string(),
         proxy_config_map: args.proxy_config_map.clone(),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::program::runtime("inject") {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("meshlet inject: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let namespaces: NamespaceLookup = if args.no_namespace_watch {
@@ -602,29 +586,10 @@ pub fn main(args: InjectArgs) -> ExitCode {
         tracing::info!(listen = %args.listen, image = %config.image, "meshlet inject serving /mutate");
         let webhook = Arc::new(Webhook::new(config, namespaces));
         let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        let delay = args.shutdown_delay;
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            if let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-                if !delay.is_zero() {
-                    tracing::info!(
-                        delay = ?delay,
-                        "shutting down: still serving until endpoints have moved on"
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                tracing::info!("shutting down: no new connections");
-                stop.cancel();
-            }
-        });
+        tokio::spawn(crate::program::stop_on_signal(
+            shutdown.clone(),
+            args.shutdown_delay,
+        ));
         serve(listener, tls, webhook, shutdown).await;
         ExitCode::SUCCESS
     })
