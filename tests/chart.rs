@@ -195,6 +195,13 @@ fn schema_and_templates_refuse_bad_values_naming_them() {
         ("injector.shutdownDelay=soon", "/injector/shutdownDelay"),
         ("proxy.rbac.scope=namespaces", "proxy.rbac.namespaces"),
         ("webhook.certs.source=secret", "webhook.certs.secretName"),
+        ("identity.issuer.source=vault", "/identity/issuer/source"),
+        ("identity.trustDomain=Example.org", "/identity/trustDomain"),
+        ("identity.certTTL=soon", "/identity/certTTL"),
+        (
+            "identity.enabled=true,identity.issuer.source=secret",
+            "identity.issuer.secretName",
+        ),
     ] {
         match render(&helm, &["--set", set]) {
             Ok(_) => panic!("--set {set} was accepted"),
@@ -230,22 +237,25 @@ fn cluster_versions_and_replica_counts_are_checked() {
     assert!(two.contains("kind: PodDisruptionBudget"));
 }
 
+/// The base64 value of the first `key` line of a render, decoded.
+fn base64_field(text: &str, key: &str) -> Vec<u8> {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(key))
+        .unwrap_or_else(|| panic!("no {key} in\n{text}"));
+    base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        line[key.len()..].trim(),
+    )
+    .unwrap()
+}
+
 #[test]
 fn generated_certificate_serves_the_injector_service() {
     let Some(helm) = helm() else { return };
     let text = render(&helm, &["--show-only", "templates/webhook.yaml"]).unwrap();
-    let field = |key: &str| -> Vec<u8> {
-        let line = text
-            .lines()
-            .map(str::trim)
-            .find(|l| l.starts_with(key))
-            .unwrap_or_else(|| panic!("no {key} in\n{text}"));
-        base64::Engine::decode(
-            &base64::engine::general_purpose::STANDARD,
-            line[key.len()..].trim(),
-        )
-        .unwrap()
-    };
+    let field = |key: &str| base64_field(&text, key);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("tls.crt"), field("tls.crt:")).unwrap();
     std::fs::write(dir.path().join("ca.crt"), field("ca.crt:")).unwrap();
@@ -271,6 +281,52 @@ fn generated_certificate_serves_the_injector_service() {
         "{}{}",
         String::from_utf8_lossy(&verify.stdout),
         String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+/// The chart's generated trust anchor (an ECDSA key in SEC1 PEM, as Helm writes it) is an
+/// issuer `meshlet identity` loads: it signs a sidecar's leaf that verifies against it.
+#[test]
+fn generated_identity_issuer_signs_for_sidecars() {
+    let Some(helm) = helm() else { return };
+    let text = render(
+        &helm,
+        &[
+            "--show-only",
+            "templates/identity.yaml",
+            "--set",
+            "identity.enabled=true",
+        ],
+    )
+    .unwrap();
+    let field = |key: &str| base64_field(&text, key);
+    let key = field("tls.key:");
+    assert!(key.starts_with(b"-----BEGIN EC PRIVATE KEY-----"));
+    use meshlet::identity::ca::{Ca, IssuerPem, SpiffeId};
+    let ca = Ca::new(
+        IssuerPem {
+            chain: &field("tls.crt:"),
+            key: &key,
+            anchors: &field("ca.crt:"),
+        },
+        "cluster.local",
+        std::time::Duration::from_secs(3600),
+        std::time::Duration::from_secs(60),
+    )
+    .unwrap();
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/cart").unwrap();
+    let sidecar = rcgen::KeyPair::generate().unwrap();
+    let now = std::time::SystemTime::now();
+    let issued = ca.sign(&id, &sidecar, now).unwrap();
+    ca.verify(&issued, now).unwrap();
+    // The service is told the issuer Secret it may read, and the Role names the same one.
+    assert!(
+        text.contains("--issuer-secret=meshlet-identity-issuer"),
+        "{text}"
+    );
+    assert!(
+        text.contains("resourceNames: [\"meshlet-identity-issuer\"]"),
+        "{text}"
     );
 }
 
@@ -349,7 +405,7 @@ fn every_value_is_documented() {
     let mut keys = Vec::new();
     fn walk(prefix: &str, v: &serde_yaml::Value, keys: &mut Vec<String>) {
         match v {
-            serde_yaml::Value::Mapping(m) if !m.is_empty() && prefix != "injector.resources" => {
+            serde_yaml::Value::Mapping(m) if !m.is_empty() && !prefix.ends_with(".resources") => {
                 for (k, v) in m {
                     let k = k.as_str().unwrap();
                     let p = if prefix.is_empty() {

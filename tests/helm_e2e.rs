@@ -345,6 +345,20 @@ async fn helm_install(ctx: &Ctx, extra: &[&str]) -> Result<String, String> {
     tokio::task::block_in_place(|| run(&mut cmd))
 }
 
+/// One key of a Secret's data; an error names what is missing.
+async fn secret_key(api: &Api<Secret>, name: &str, key: &str) -> Result<Vec<u8>, String> {
+    let secret = api
+        .get(name)
+        .await
+        .map_err(|e| format!("get Secret {name}: {e}"))?;
+    secret
+        .data
+        .unwrap_or_default()
+        .get(key)
+        .map(|b| b.0.clone())
+        .ok_or(format!("Secret {name} has no {key}"))
+}
+
 async fn webhook_ca(ctx: &Ctx) -> Result<String, String> {
     let api: Api<MutatingWebhookConfiguration> = Api::all(ctx.client.clone());
     let hook = api
@@ -692,16 +706,7 @@ async fn helm_upgrade_keeps_the_webhook_working(ctx: &Ctx) -> TestResult {
     need_install(ctx)?;
     let ca_before = webhook_ca(ctx).await?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), SYSTEM_NS);
-    let crt = |s: Secret| {
-        s.data
-            .unwrap_or_default()
-            .get("tls.crt")
-            .map(|b| b.0.clone())
-    };
-    let crt_before = crt(secrets
-        .get("meshlet-injector-tls")
-        .await
-        .map_err(|e| e.to_string())?);
+    let crt_before = secret_key(&secrets, "meshlet-injector-tls", "tls.crt").await?;
     // The upgrade changes a flag of the injector (it rolls) and narrows the sidecars' RBAC to
     // the meshed namespace.
     // Pods created during the rollout must all be meshed: dry-run pods every 50 ms.
@@ -771,10 +776,7 @@ async fn helm_upgrade_keeps_the_webhook_working(ctx: &Ctx) -> TestResult {
     if webhook_ca(ctx).await? != ca_before {
         return Err("helm upgrade replaced the webhook's CA".into());
     }
-    let crt_after = crt(secrets
-        .get("meshlet-injector-tls")
-        .await
-        .map_err(|e| e.to_string())?);
+    let crt_after = secret_key(&secrets, "meshlet-injector-tls", "tls.crt").await?;
     if crt_after != crt_before {
         return Err("helm upgrade replaced the serving certificate".into());
     }
@@ -804,6 +806,108 @@ async fn helm_upgrade_keeps_the_webhook_working(ctx: &Ctx) -> TestResult {
 
 /// helm uninstall removes every object of the release; running meshed pods keep serving and
 /// calling each other; new pods are created unmeshed.
+/// `identity.enabled=true`: the identity service runs with the chart's RBAC (its pods get only
+/// their ServiceAccount's token here), its trust anchor is generated once and kept across
+/// upgrades, and (local target) it signs a certificate for a meshed pod's bound token, served
+/// under the name and anchor a sidecar will check. Turned off again, the anchor stays
+/// (`helm.sh/resource-policy: keep`); the test then deletes it for the uninstall test.
+async fn identity_service_from_the_chart(ctx: &Ctx) -> TestResult {
+    need_install(ctx)?;
+    let on = ["--set", "identity.enabled=true"];
+    let t = Instant::now();
+    helm_install(ctx, &on).await?;
+    println!(
+        "    helm upgrade --wait with identity.enabled: {:?}",
+        t.elapsed()
+    );
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), SYSTEM_NS);
+    let issuer = "meshlet-identity-issuer";
+    let first = secret_key(&secrets, issuer, "ca.crt").await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), SYSTEM_NS);
+    let ready = wait_for("2 Ready identity pods", Duration::from_secs(60), || async {
+        let lp = ListParams::default().labels("app.kubernetes.io/component=identity");
+        let list = pods.list(&lp).await.ok()?;
+        let ready: Vec<Pod> = list.items.into_iter().filter(is_ready).collect();
+        (ready.len() == 2).then_some(ready)
+    })
+    .await?;
+
+    if ctx.cluster.is_some() {
+        // From the host, as a sidecar would: the pod's address, the Service's name, the anchor.
+        use tokio_rustls::rustls::pki_types::CertificateDer;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        let ip = ready[0]
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .ok_or("no pod IP")?;
+        let endpoint = meshlet::tls::client::Endpoint {
+            address: format!("{ip}:7150"),
+            server_name: format!("meshlet-identity.{SYSTEM_NS}.svc"),
+            anchors: vec![CertificateDer::from_pem_slice(&first).map_err(|e| e.to_string())?],
+            timeout: Duration::from_secs(10),
+        };
+        let alpha = ctx.ready_pods(APPS_NS, "alpha").await;
+        let pod = alpha.first().ok_or("no Ready alpha pod")?;
+        let tr: k8s_openapi::api::authentication::v1::TokenRequest =
+            serde_json::from_value(json!({
+                "spec": {
+                    "audiences": ["meshlet.dev/identity"], "expirationSeconds": 600,
+                    "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
+                                       "name": pod.metadata.name, "uid": pod.metadata.uid},
+                }
+            }))
+            .map_err(|e| e.to_string())?;
+        let token = Api::<ServiceAccount>::namespaced(ctx.client.clone(), APPS_NS)
+            .create_token_request("default", &PostParams::default(), &tr)
+            .await
+            .map_err(|e| format!("token request: {e}"))?
+            .status
+            .ok_or("no token")?
+            .token;
+        let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .map_err(|e| e.to_string())?;
+        let signed = endpoint
+            .certify(&token, csr.der())
+            .await
+            .map_err(|e| e.to_string())?;
+        let want = format!("spiffe://cluster.local/ns/{APPS_NS}/sa/default");
+        if signed.spiffe_id != want {
+            return Err(format!("signed for {}, want {want}", signed.spiffe_id));
+        }
+        println!("    signed {want} through the chart's identity service");
+    }
+
+    // An upgrade that rolls the pods keeps the trust anchor.
+    helm_install(ctx, &[on[0], on[1], "--set", "identity.logLevel=debug"]).await?;
+    let second = secret_key(&secrets, issuer, "ca.crt").await?;
+    if first != second {
+        return Err("the upgrade replaced the trust anchor".into());
+    }
+    // Off again: the service goes, the anchor stays, by design.
+    helm_install(ctx, &[]).await?;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), SYSTEM_NS);
+    if deployments
+        .get_opt("meshlet-identity")
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
+        return Err("identity.enabled=false left the identity Deployment".into());
+    }
+    let kept = secret_key(&secrets, issuer, "ca.crt").await?;
+    if kept != first {
+        return Err("the trust anchor changed when the identity service was turned off".into());
+    }
+    secrets
+        .delete(issuer, &DeleteParams::default())
+        .await
+        .map_err(|e| format!("delete the kept anchor: {e}"))?;
+    Ok(())
+}
+
 async fn helm_uninstall_leaves_nothing_behind(ctx: &Ctx) -> TestResult {
     need_install(ctx)?;
     // Every alpha sidecar calls beta once first: after uninstall a sidecar keeps what it knows
@@ -1161,6 +1265,7 @@ fn main() {
         trial!(helm_install_meshes_two_services),
         trial!(killed_replica_fails_no_idempotent_request),
         trial!(helm_upgrade_keeps_the_webhook_working),
+        trial!(identity_service_from_the_chart),
         trial!(helm_uninstall_leaves_nothing_behind),
         trial!(plain_manifests_and_webhook_cert_script_mesh_pods),
     ];

@@ -14,8 +14,11 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use tokio_rustls::rustls;
+use tokio_rustls::rustls::SignatureScheme;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, UnixTime};
+use tokio_rustls::rustls::pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, UnixTime,
+};
 
 /// A CSR is a few hundred bytes (an EC key, a name, a signature). More is not a sidecar's.
 pub const MAX_CSR_BYTES: usize = 8 * 1024;
@@ -113,8 +116,9 @@ pub struct Issued {
 
 /// The issuer: its key and certificate, the chain above it and the trust anchors.
 pub struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    /// The issuer's certificate, then any intermediates above it (not the anchors).
+    issuer: Issuer<'static, IssuerKey>,
+    /// What a leaf is sent with: the issuer's certificate and any intermediates above it,
+    /// without the anchors (an issuer that is itself the anchor sends nothing).
     chain: Vec<CertificateDer<'static>>,
     anchors: Vec<CertificateDer<'static>>,
     trust_domain: String,
@@ -139,7 +143,8 @@ impl fmt::Debug for Ca {
 pub struct IssuerPem<'a> {
     /// The issuer's certificate first, then any intermediates above it.
     pub chain: &'a [u8],
-    /// The issuer's private key (PKCS#8, or SEC1 for EC keys).
+    /// The issuer's private key, PEM: PKCS#8, SEC1 (`EC PRIVATE KEY`, what Helm's
+    /// `genPrivateKey "ecdsa"` makes) or PKCS#1 (`RSA PRIVATE KEY`, Helm's `genCA`).
     pub key: &'a [u8],
     /// The trust anchors: one, or two during a rotation.
     pub anchors: &'a [u8],
@@ -167,13 +172,10 @@ impl Ca {
         };
         let chain = certs("the issuer certificate (tls.crt)", pem.chain)?;
         let anchors = certs("the trust anchors (ca.crt)", pem.anchors)?;
-        let key_pem = std::str::from_utf8(pem.key)
-            .map_err(|_| "the issuer key (tls.key): not PEM".to_string())?;
-        let key = KeyPair::from_pem(key_pem)
-            .map_err(|e| format!("the issuer key (tls.key): cannot read it: {e}"))?;
-        keys_match(&chain[0], &key)?;
+        let key = IssuerKey::new(&chain[0], pem.key)?;
         let issuer = Issuer::from_ca_cert_der(&chain[0], key)
             .map_err(|e| format!("the issuer certificate (tls.crt): {e}"))?;
+        let chain = chain.into_iter().filter(|c| !anchors.contains(c)).collect();
         let ca = Ca {
             issuer,
             chain,
@@ -333,17 +335,87 @@ fn serial() -> Result<SerialNumber, CertifyError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-/// Checks that `key` is the key of `cert` (rustls compares the public keys).
-fn keys_match(cert: &CertificateDer<'static>, key: &KeyPair) -> Result<(), String> {
-    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
-        .map_err(|e| format!("the issuer key (tls.key): {e}"))?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&der)
-        .map_err(|e| format!("the issuer key (tls.key): unsupported: {e}"))?;
-    rustls::sign::CertifiedKey::new(vec![cert.clone()], signer)
-        .keys_match()
-        .map_err(|_| {
-            "the issuer key (tls.key) is not the key of the issuer certificate (tls.crt)".into()
+/// The issuer's key as rcgen signs with it: whatever rustls can load (PKCS#8, SEC1, PKCS#1),
+/// where rcgen's own `KeyPair` (with ring) takes PKCS#8 only.
+struct IssuerKey {
+    signer: Arc<dyn rustls::sign::SigningKey>,
+    scheme: SignatureScheme,
+    algorithm: &'static rcgen::SignatureAlgorithm,
+    /// The subject public key (the BIT STRING's bytes), from the issuer certificate.
+    public: Vec<u8>,
+}
+
+impl IssuerKey {
+    fn new(cert: &CertificateDer<'static>, pem: &[u8]) -> Result<IssuerKey, String> {
+        use x509_parser::prelude::FromDer;
+        let der = PrivateKeyDer::from_pem_slice(pem)
+            .map_err(|e| format!("the issuer key (tls.key): not a PEM private key: {e}"))?;
+        let signer = rustls::crypto::ring::sign::any_supported_type(&der)
+            .map_err(|e| format!("the issuer key (tls.key): unsupported: {e}"))?;
+        rustls::sign::CertifiedKey::new(vec![cert.clone()], signer.clone())
+            .keys_match()
+            .map_err(|_| {
+                "the issuer key (tls.key) is not the key of the issuer certificate (tls.crt)"
+                    .to_string()
+            })?;
+        let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert)
+            .map_err(|e| format!("the issuer certificate (tls.crt): cannot read it: {e}"))?;
+        let spki = &parsed.tbs_certificate.subject_pki;
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .map(|o| o.to_id_string());
+        let (scheme, algorithm) = match (signer.algorithm(), curve.as_deref()) {
+            (rustls::SignatureAlgorithm::ECDSA, Some("1.2.840.10045.3.1.7")) => (
+                SignatureScheme::ECDSA_NISTP256_SHA256,
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+            ),
+            (rustls::SignatureAlgorithm::ECDSA, Some("1.3.132.0.34")) => (
+                SignatureScheme::ECDSA_NISTP384_SHA384,
+                &rcgen::PKCS_ECDSA_P384_SHA384,
+            ),
+            (rustls::SignatureAlgorithm::RSA, _) => {
+                (SignatureScheme::RSA_PKCS1_SHA256, &rcgen::PKCS_RSA_SHA256)
+            }
+            (rustls::SignatureAlgorithm::ED25519, _) => {
+                (SignatureScheme::ED25519, &rcgen::PKCS_ED25519)
+            }
+            (other, curve) => {
+                return Err(format!(
+                    "the issuer key (tls.key): {other:?} {} is not supported (use ECDSA P-256 or P-384, RSA or Ed25519)",
+                    curve.unwrap_or_default()
+                ));
+            }
+        };
+        Ok(IssuerKey {
+            signer,
+            scheme,
+            algorithm,
+            public: spki.subject_public_key.data.to_vec(),
         })
+    }
+}
+
+impl rcgen::PublicKeyData for IssuerKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.algorithm
+    }
+}
+
+impl rcgen::SigningKey for IssuerKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        let signer = self
+            .signer
+            .choose_scheme(&[self.scheme])
+            .ok_or(rcgen::Error::RemoteKeyError)?;
+        signer.sign(msg).map_err(|_| rcgen::Error::RemoteKeyError)
+    }
 }
 
 #[cfg(test)]
@@ -554,5 +626,36 @@ mod tests {
             Duration::ZERO,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn issuer_keys_as_helm_and_cert_manager_write_them_sign_too() {
+        for (cert, key) in [
+            (
+                include_str!("testdata/ec-sec1.crt"),
+                include_str!("testdata/ec-sec1.key"),
+            ),
+            (
+                include_str!("testdata/rsa-pkcs1.crt"),
+                include_str!("testdata/rsa-pkcs1.key"),
+            ),
+        ] {
+            // The issuer is the anchor itself (what the chart generates by default).
+            let ca = Ca::new(
+                IssuerPem {
+                    chain: cert.as_bytes(),
+                    key: key.as_bytes(),
+                    anchors: cert.as_bytes(),
+                },
+                "cluster.local",
+                Duration::from_secs(3600),
+                Duration::from_secs(60),
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", key.lines().next().unwrap()));
+            let now = SystemTime::now();
+            let issued = ca.certify(&id("cart"), &csr(&[]), now).unwrap();
+            assert!(issued.intermediates.is_empty(), "the anchor is not sent");
+            ca.verify(&issued, now).unwrap();
+        }
     }
 }

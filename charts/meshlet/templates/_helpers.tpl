@@ -66,3 +66,23 @@ app.kubernetes.io/component: injector
 {{- fail (printf "proxy.nativeSidecars=true needs Kubernetes 1.29 or later (native sidecars); this cluster is %s: set proxy.nativeSidecars=false" .Capabilities.KubeVersion.Version) }}
 {{- end }}
 {{- end }}
+
+{{- define "meshlet.identity" -}}
+{{- printf "%s-identity" (include "meshlet.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The identity service's pod selector. */}}
+{{- define "meshlet.identitySelector" -}}
+app.kubernetes.io/name: {{ include "meshlet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: identity
+{{- end }}
+
+{{/* The issuer Secret the identity service reads. */}}
+{{- define "meshlet.identityIssuer" -}}
+{{- if eq .Values.identity.issuer.source "secret" }}
+{{- required "identity.issuer.secretName is required when identity.issuer.source is secret" .Values.identity.issuer.secretName }}
+{{- else }}
+{{- printf "%s-issuer" (include "meshlet.identity" .) }}
+{{- end }}
+{{- end }}
