@@ -1906,8 +1906,24 @@ async fn identity_service_signs_for_bound_tokens_only(ctx: &Ctx) -> TestResult {
         json!({"metadata": {"name": "cart"}}),
     )
     .await?;
+    // Its token as a sidecar will get it: a projected volume for the identity audience, which
+    // the stand-in kubelet mints through the TokenRequest API, bound to the pod (the namespace
+    // label asks it for real service account tokens).
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {harness::SA_TOKENS_LABEL: "true"}}})),
+        )
+        .await
+        .map_err(|e| format!("label {ns}: {e}"))?;
     let mut pod = app_pod("cart-0", "cart", &[(8080, "http")]);
     pod["spec"]["serviceAccountName"] = json!("cart");
+    pod["spec"]["volumes"] = json!([{"name": "identity-token", "projected": {"sources": [
+        {"serviceAccountToken": {"audience": "meshlet.dev/identity", "expirationSeconds": 600, "path": "token"}},
+    ]}}]);
+    pod["spec"]["containers"][0]["volumeMounts"] =
+        json!([{"name": "identity-token", "mountPath": "/var/run/secrets/meshlet"}]);
     ctx.create_pod(&ns, pod).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let cart = pods.get("cart-0").await.map_err(|e| e.to_string())?;
@@ -1963,8 +1979,22 @@ async fn identity_service_signs_for_bound_tokens_only(ctx: &Ctx) -> TestResult {
     };
     let want = format!("spiffe://cluster.local/ns/{ns}/sa/cart");
 
-    // The good case: a token bound to the pod, for the service's audience.
-    let token = sa_token(ctx, &ns, "cart", "meshlet.dev/identity", Some(&cart)).await?;
+    // The good case: the pod's projected token (bound to it, for the service's audience).
+    let file = ctx
+        .cluster
+        .kubelet
+        .volume_dir(&ns, "cart-0", "identity-token")
+        .join("token");
+    let token = wait_for(
+        "cart-0's projected token",
+        Duration::from_secs(30),
+        || async {
+            std::fs::read_to_string(&file)
+                .ok()
+                .filter(|t| !t.is_empty())
+        },
+    )
+    .await?;
     let signed = endpoint
         .certify(&token, &csr(std::slice::from_ref(&want)))
         .await

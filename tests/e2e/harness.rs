@@ -23,7 +23,9 @@
 //!
 //! Volumes: `secret`, `configMap` (keys, `items`, `optional`; a missing non-optional object is
 //! waited for 10 s, then fails the pod), `emptyDir`, `projected` (service account token when
-//! the namespace is labelled as above, `kube-root-ca.crt` from the cluster's CA, other
+//! the namespace is labelled as above: a token of its own, bound to the pod, when the
+//! projection names an `audience` (and its `expirationSeconds`), as a kubelet mints it; not
+//! refreshed), `kube-root-ca.crt` from the cluster's CA, other
 //! Secrets/ConfigMaps, downward API names) and `hostPath` (the host path itself); any other
 //! kind is an empty directory. They are written to `<log dir>/<namespace>_<pod>/volumes/<volume>/`
 //! (files 0644, directories 0755, readable by any `runAsUser`; an emptyDir is 0777).
@@ -808,13 +810,8 @@ impl Kubelet {
         if !labelled {
             return Ok((automount.then(|| self.kubeconfig.clone()), None));
         }
-        let sa = spec
-            .service_account_name
-            .clone()
-            .or(spec.service_account.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into());
-        let token = self.request_token(pod, &ns, &sa).await?;
+        let sa = service_account(pod);
+        let token = self.request_token(pod, &ns, &sa, None, 3600).await?;
         if !automount {
             return Ok((None, Some(token)));
         }
@@ -849,12 +846,22 @@ impl Kubelet {
 
     /// A token of service account `sa` bound to the pod (TokenRequest, 1 h); waits up to
     /// `OBJECT_WAIT` for the service account to exist.
-    async fn request_token(&self, pod: &Pod, ns: &str, sa: &str) -> Result<String, String> {
+    /// A token of `sa` bound to `pod` (TokenRequest), for `audience` (default: the API
+    /// server's), as a kubelet asks for one.
+    async fn request_token(
+        &self,
+        pod: &Pod,
+        ns: &str,
+        sa: &str,
+        audience: Option<&str>,
+        expiration_seconds: i64,
+    ) -> Result<String, String> {
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+        let audiences: Vec<&str> = audience.into_iter().collect();
         let tr: TokenRequest = serde_json::from_value(json!({
             "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
             "spec": {
-                "audiences": [], "expirationSeconds": 3600,
+                "audiences": audiences, "expirationSeconds": expiration_seconds,
                 "boundObjectRef": {
                     "apiVersion": "v1", "kind": "Pod",
                     "name": pod.metadata.name, "uid": pod.metadata.uid,
@@ -883,7 +890,8 @@ impl Kubelet {
         }
     }
 
-    /// Writes the pod's volumes below `dir/volumes/`: volume name -> host path.
+    /// Writes the pod's volumes below `dir/volumes/`: volume name -> host path. `token` is the
+    /// pod's service account token, when its namespace asks for them.
     async fn materialize_volumes(
         &self,
         pod: &Pod,
@@ -913,7 +921,23 @@ impl Kubelet {
             } else if let Some(p) = &v.projected {
                 for src in p.sources.iter().flatten() {
                     if let Some(t) = &src.service_account_token {
-                        if let Some(token) = token {
+                        // A token of its own for a projection that names an audience (as the
+                        // kubelet does); else the pod's token.
+                        let own = match (token, t.audience.as_deref().filter(|a| !a.is_empty())) {
+                            (Some(_), Some(audience)) => Some(
+                                self.request_token(
+                                    pod,
+                                    &ns,
+                                    &service_account(pod),
+                                    Some(audience),
+                                    t.expiration_seconds.unwrap_or(3600),
+                                )
+                                .await?,
+                            ),
+                            (Some(token), None) => Some(token.to_string()),
+                            (None, _) => None,
+                        };
+                        if let Some(token) = own {
                             write_file(&path.join(safe_path(&t.path, &what)?), token.as_bytes())?;
                         }
                     } else if let Some(s) = &src.secret {
@@ -1316,6 +1340,14 @@ impl Kubelet {
             .map(|p| p.ip)
     }
 
+    /// Where the pod's volume `volume` is written: what its containers see at the mountPath.
+    pub fn volume_dir(&self, namespace: &str, pod: &str, volume: &str) -> PathBuf {
+        self.log_dir
+            .join(format!("{namespace}_{pod}"))
+            .join("volumes")
+            .join(volume)
+    }
+
     pub fn pod_netns(&self, namespace: &str, name: &str) -> Option<String> {
         self.pods
             .lock()
@@ -1553,4 +1585,12 @@ pub fn binaries() -> HashMap<String, PathBuf> {
 
 pub fn exists(p: &Path) -> bool {
     p.exists()
+}
+
+/// The pod's service account (`default` when it names none).
+fn service_account(pod: &Pod) -> String {
+    let spec = pod.spec.as_ref();
+    spec.and_then(|s| s.service_account_name.clone().or(s.service_account.clone()))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into())
 }
