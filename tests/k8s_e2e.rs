@@ -103,24 +103,10 @@ impl Ctx {
     /// token from the TokenRequest API, an hour long), for a process that must run with only
     /// the permissions a manifest grants.
     async fn service_account_kubeconfig(&self, ns: &str, sa: &str) -> Result<PathBuf, String> {
-        use k8s_openapi::api::authentication::v1::TokenRequest;
         use k8s_openapi::api::core::v1::ServiceAccount;
         let sas: Api<ServiceAccount> = Api::namespaced(self.cluster.client.clone(), ns);
-        let account: ServiceAccount =
-            serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap();
-        sas.create(&PostParams::default(), &account)
-            .await
-            .map_err(|e| format!("create sa {sa}: {e}"))?;
-        let tr: TokenRequest =
-            serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
-                .unwrap();
-        let token = sas
-            .create_token_request(sa, &PostParams::default(), &tr)
-            .await
-            .map_err(|e| format!("token request: {e}"))?
-            .status
-            .ok_or("no token")?
-            .token;
+        create(&sas, json!({"metadata": {"name": sa}})).await?;
+        let token = sa_token(self, ns, sa, None, None).await?;
         let admin = std::fs::read_to_string(&self.cluster.kubeconfig).map_err(|e| e.to_string())?;
         let line = |key: &str| {
             admin
@@ -1792,18 +1778,19 @@ fn test_issuer() -> (String, String, String) {
     (anchor.pem(), issuer.pem(), key.serialize_pem())
 }
 
-/// A projected-style token for ServiceAccount `sa`, for `audience`, bound to `pod` if given
-/// (as the kubelet asks for one through the TokenRequest API).
+/// A token of ServiceAccount `sa` from the TokenRequest API, an hour long: for `audience`
+/// (default: the API server's) and bound to `pod`, if given.
 async fn sa_token(
     ctx: &Ctx,
     ns: &str,
     sa: &str,
-    audience: &str,
+    audience: Option<&str>,
     pod: Option<&Pod>,
 ) -> Result<String, String> {
     use k8s_openapi::api::authentication::v1::TokenRequest;
     use k8s_openapi::api::core::v1::ServiceAccount;
-    let mut spec = json!({"audiences": [audience], "expirationSeconds": 3600});
+    let audiences: Vec<&str> = audience.into_iter().collect();
+    let mut spec = json!({"audiences": audiences, "expirationSeconds": 3600});
     if let Some(p) = pod {
         spec["boundObjectRef"] = json!({
             "kind": "Pod", "apiVersion": "v1",
@@ -2049,8 +2036,8 @@ async fn identity_service_signs_for_bound_tokens_only(ctx: &Ctx) -> TestResult {
             r.spiffe_id
         )),
     };
-    let other_audience = sa_token(ctx, &ns, "cart", "other", Some(&cart)).await?;
-    let unbound = sa_token(ctx, &ns, "cart", "meshlet.dev/identity", None).await?;
+    let other_audience = sa_token(ctx, &ns, "cart", Some("other"), Some(&cart)).await?;
+    let unbound = sa_token(ctx, &ns, "cart", Some("meshlet.dev/identity"), None).await?;
     let someone_else = csr(&["spiffe://cluster.local/ns/kube-system/sa/admin".to_string()]);
     use tonic::Code::{InvalidArgument, Unauthenticated};
     let cases: [(&str, &str, Vec<u8>, tonic::Code, &str); 6] = [

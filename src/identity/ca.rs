@@ -42,6 +42,18 @@ impl fmt::Display for SpiffeId {
 }
 
 impl SpiffeId {
+    /// The identity of `sa` in `ns`, if the three names are valid ones.
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Option<SpiffeId> {
+        let ok = check_trust_domain(trust_domain).is_ok()
+            && name_ok(namespace)
+            && name_ok(service_account);
+        ok.then(|| SpiffeId {
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        })
+    }
+
     /// Parses `spiffe://<td>/ns/<ns>/sa/<sa>`; `None` for anything else.
     pub fn parse(uri: &str) -> Option<SpiffeId> {
         let rest = uri.strip_prefix("spiffe://")?;
@@ -56,12 +68,7 @@ impl SpiffeId {
         ) else {
             return None;
         };
-        let id = SpiffeId {
-            trust_domain: td.into(),
-            namespace: ns.into(),
-            service_account: sa.into(),
-        };
-        (check_trust_domain(td).is_ok() && name_ok(ns) && name_ok(sa)).then_some(id)
+        SpiffeId::new(td, ns, sa)
     }
 }
 
@@ -103,6 +110,16 @@ pub enum CertifyError {
     OtherIdentity { asked: String, proven: String },
     #[error("cannot sign: {0}")]
     Signing(String),
+}
+
+/// Refuses an empty CSR or one larger than [`MAX_CSR_BYTES`] (cheap: the service checks it
+/// before it asks the API server about the token).
+pub fn check_csr_size(csr_der: &[u8]) -> Result<(), CertifyError> {
+    match csr_der.len() {
+        0 => Err(CertifyError::Empty),
+        n if n > MAX_CSR_BYTES => Err(CertifyError::TooLarge(n)),
+        _ => Ok(()),
+    }
 }
 
 /// A signed leaf and what the sidecar needs with it.
@@ -221,12 +238,7 @@ impl Ca {
         csr_der: &[u8],
         now: SystemTime,
     ) -> Result<Issued, CertifyError> {
-        if csr_der.is_empty() {
-            return Err(CertifyError::Empty);
-        }
-        if csr_der.len() > MAX_CSR_BYTES {
-            return Err(CertifyError::TooLarge(csr_der.len()));
-        }
+        check_csr_size(csr_der)?;
         let csr =
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
                 .map_err(|e| CertifyError::Unreadable(e.to_string()))?;

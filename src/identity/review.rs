@@ -111,15 +111,12 @@ pub fn judge(
             "the token of {name} is not bound to a pod (use a projected ServiceAccount token)"
         ));
     }
-    let id = SpiffeId {
-        trust_domain: trust_domain.into(),
-        namespace: namespace.into(),
-        service_account: service_account.into(),
-    };
     // The API server enforces these names; a review that breaks them is not one we sign.
-    match SpiffeId::parse(&id.to_string()) {
+    match SpiffeId::new(trust_domain, namespace, service_account) {
         Some(id) => Ok(id),
-        None => refused(format!("not a valid identity: {id}")),
+        None => refused(format!(
+            "not a valid identity: spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+        )),
     }
 }
 

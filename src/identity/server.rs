@@ -27,7 +27,7 @@ use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response as GrpcResponse, Status};
 
-use super::ca::{Ca, CertifyError, IssuerPem, MAX_CSR_BYTES, SpiffeId};
+use super::ca::{Ca, CertifyError, IssuerPem, SpiffeId, check_csr_size};
 use super::review::{ReviewError, Reviewer};
 use crate::proto::identity::v1::identity_server::{Identity, IdentityServer};
 use crate::proto::identity::v1::{CertifyRequest, CertifyResponse};
@@ -112,7 +112,18 @@ impl IdentityArgs {
         if self.issuer_refresh < Duration::from_secs(1) {
             return Err("--issuer-refresh: at least 1s".into());
         }
+        self.me()?;
         Ok(())
+    }
+
+    /// The service's own identity, from --trust-domain, --namespace and --service-account.
+    fn me(&self) -> Result<SpiffeId, String> {
+        SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account).ok_or_else(|| {
+            format!(
+                "--namespace {:?} or --service-account {:?}: not a Kubernetes name (lowercase letters, digits, '.', '-')",
+                self.namespace, self.service_account
+            )
+        })
     }
 
     fn server_names(&self) -> Vec<String> {
@@ -249,12 +260,7 @@ impl Authority {
             Status::new(code, why)
         };
         // Cheap checks before asking the API server anything.
-        if csr.len() > MAX_CSR_BYTES || csr.is_empty() {
-            let e = if csr.is_empty() {
-                CertifyError::Empty
-            } else {
-                CertifyError::TooLarge(csr.len())
-            };
+        if let Err(e) = check_csr_size(csr) {
             return Err(refuse(tonic::Code::InvalidArgument, None, e.to_string()));
         }
         let id = match self.reviewer.review(token).await {
@@ -603,12 +609,10 @@ async fn run(args: IdentityArgs) -> ExitCode {
         }
     };
     let reviewer = Reviewer::new(client, &args.audience, &args.trust_domain);
-    let me = SpiffeId {
-        trust_domain: args.trust_domain.clone(),
-        namespace: args.namespace.clone(),
-        service_account: args.service_account.clone(),
-    };
-    let authority = match Authority::new(ca, reviewer, me, args.server_names()) {
+    let authority = match args
+        .me()
+        .and_then(|me| Authority::new(ca, reviewer, me, args.server_names()))
+    {
         Ok(a) => Arc::new(a),
         Err(e) => {
             eprintln!("meshlet identity: {e}");
